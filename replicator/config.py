@@ -1,0 +1,306 @@
+"""Load and validate ``hq.yaml`` and ``branch.yaml``.
+
+Every error names the file, the line and the key, because the person reading
+it is a branch admin with a text editor, not a Python developer.  Values are
+validated here once so the rest of the code can trust them.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_CATALOG_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+class _Map(dict):
+    """A mapping that remembers the line of each key, for error messages."""
+
+    lines: dict
+    line: int
+
+
+class _Str(str):
+    line: int
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that records line numbers and expands ${VAR} in strings."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    result = _Map()
+    result.lines = {}
+    result.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+def _construct_str(loader: _Loader, node: yaml.ScalarNode) -> str:
+    text = loader.construct_scalar(node)
+    line = node.start_mark.line + 1
+
+    def expand(m: re.Match) -> str:
+        value = os.environ.get(m.group(1), m.group(2))
+        if value is None:
+            raise ConfigError(f"environment variable {m.group(1)} is not set; export it or "
+                              f"write ${{{m.group(1)}:-default}}", getattr(loader, "path", None), line)
+        return value
+
+    out = _Str(_ENV_RE.sub(expand, text))
+    out.line = line
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG, _construct_str)
+
+
+def load_yaml(path: str | Path) -> _Map:
+    """Parse a YAML file into line-aware mappings; a YAML error keeps its line."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found; pass the right path with -c", path) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read file: {e.strerror}", path) from None
+    loader = _Loader(text)
+    loader.path = path
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else None
+        raise ConfigError(f"invalid YAML: {e.problem}", path, line) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML: {e}", path) from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, _Map):
+        raise ConfigError("expected a mapping of settings at the top level", path, 1)
+    return data
+
+
+class _Reader:
+    """Typed access to one mapping with errors that point at the file and line."""
+
+    def __init__(self, path: str, data: _Map, prefix: str = ""):
+        self.path, self.data, self.prefix = path, data, prefix
+
+    def error(self, key: str | None, message: str, value: Any = None) -> ConfigError:
+        line = self.data.lines.get(key, self.data.line) if key else self.data.line
+        name = f"{self.prefix}{key}" if key else (self.prefix.rstrip(".") or None)
+        return ConfigError(message, self.path, line, name, value)
+
+    def check_keys(self, allowed: set[str]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                raise self.error(key, f"unknown setting; expected one of {', '.join(sorted(allowed))}")
+
+    def get(self, key: str, kind: type | tuple, default: Any = ..., ) -> Any:
+        if key not in self.data or self.data[key] is None:
+            if default is ...:
+                raise self.error(None, f"missing required setting '{self.prefix}{key}'")
+            return default
+        value = self.data[key]
+        if kind is bool and not isinstance(value, bool):
+            raise self.error(key, "expected true or false", value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise self.error(key, f"expected {_KIND_NAMES.get(names, names)}", value)
+        return value
+
+    def sub(self, key: str) -> "_Reader":
+        value = self.get(key, dict)
+        return _Reader(self.path, value, f"{self.prefix}{key}.")
+
+    def line(self, key: str) -> int:
+        return self.data.lines.get(key, self.data.line)
+
+
+_KIND_NAMES = {"str": "a string", "int": "a whole number", "dict": "a mapping",
+               "list": "a list", "bool": "true or false", "int/str": "a number or duration"}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """'7d', '12h', '30m', '45s', '2w' or a number of seconds."""
+    m = _DURATION_RE.match(str(value))
+    if not m:
+        raise ValueError(f"not a duration like 7d, 12h, 30m or 45s: {value!r}")
+    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def qualify(table: str) -> str:
+    """'items' -> 'public.items'; 'pos.items' stays.  Names are later quoted."""
+    parts = table.split(".")
+    if len(parts) == 1:
+        parts.insert(0, "public")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"not a table name like schema.table: {table!r}")
+    return ".".join(parts)
+
+
+# ---------------------------------------------------------------- HQ config
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str                       # schema.table
+    filter: str | None = None       # template, e.g. "store_id = :store_id"
+    exclude_columns: tuple[str, ...] = ()
+
+    @property
+    def schema(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def relname(self) -> str:
+        return self.name.split(".", 1)[1]
+
+
+@dataclass(frozen=True)
+class CatalogSpec:
+    name: str
+    label: str
+    default: bool
+    tables: tuple[TableSpec, ...]
+
+
+@dataclass
+class HQConfig:
+    path: str
+    dsn: str
+    retention: timedelta
+    catalogs: dict[str, CatalogSpec] = field(default_factory=dict)
+
+
+def load_hq(path: str | Path) -> HQConfig:
+    """Read hq.yaml: where HQ is, how long to keep the log, which catalogs exist."""
+    path = str(path)
+    root = _Reader(path, load_yaml(path))
+    root.check_keys({"dsn", "retention", "catalogs", "catalogs_file"})
+    dsn = root.get("dsn", str)
+    try:
+        retention = parse_duration(root.get("retention", (int, str), "7d"))
+    except ValueError as e:
+        raise root.error("retention", str(e)) from None
+    if "catalogs_file" in root.data:
+        file = Path(path).parent / root.get("catalogs_file", str)
+        cat_root = _Reader(str(file), load_yaml(file))
+        if "catalogs" in cat_root.data:
+            cat_root = cat_root.sub("catalogs")
+    else:
+        cat_root = root.sub("catalogs")
+    catalogs = _parse_catalogs(cat_root)
+    return HQConfig(path=path, dsn=dsn, retention=retention, catalogs=catalogs)
+
+
+def _parse_catalogs(cats: _Reader) -> dict[str, CatalogSpec]:
+    if not cats.data:
+        raise cats.error(None, "no catalogs defined")
+    catalogs: dict[str, CatalogSpec] = {}
+    seen_tables: dict[str, str] = {}
+    for name in cats.data:
+        if not isinstance(name, str) or not _CATALOG_RE.match(name):
+            raise cats.error(name, "catalog ids are lower-case words like items or payment_methods", name)
+        spec = _parse_catalog(name, cats.sub(name))
+        for t in spec.tables:
+            if t.name in seen_tables:
+                raise cats.error(name, f"table {t.name} is already in catalog {seen_tables[t.name]}")
+            seen_tables[t.name] = name
+        catalogs[name] = spec
+    return catalogs
+
+
+def _parse_catalog(name: str, cat: _Reader) -> CatalogSpec:
+    cat.check_keys({"label", "default", "tables", "filter", "filters", "exclude_columns"})
+    raw_tables = cat.get("tables", list)
+    if not raw_tables:
+        raise cat.error("tables", "a catalog needs at least one table")
+    tables = []
+    for t in raw_tables:
+        if not isinstance(t, str):
+            raise cat.error("tables", "expected a list of table names like public.items", t)
+        try:
+            tables.append(qualify(t))
+        except ValueError as e:
+            raise cat.error("tables", str(e)) from None
+    filters = _table_map(cat, "filters", tables, str)
+    catalog_filter = cat.get("filter", str, None)
+    excludes = _table_map(cat, "exclude_columns", tables, list)
+    specs = tuple(
+        TableSpec(t, filters.get(t, catalog_filter), tuple(str(c) for c in excludes.get(t, ())))
+        for t in tables)
+    return CatalogSpec(name, str(cat.get("label", str, name)), cat.get("default", bool, False), specs)
+
+
+def _table_map(cat: _Reader, key: str, tables: list[str], kind: type) -> dict[str, Any]:
+    """Per-table settings keyed by table name; a name outside the catalog is an error."""
+    if key not in cat.data or cat.data[key] is None:
+        return {}
+    sub = cat.sub(key)
+    out = {}
+    for t in sub.data:
+        try:
+            name = qualify(str(t))
+        except ValueError as e:
+            raise sub.error(t, str(e)) from None
+        if name not in tables:
+            raise sub.error(t, f"table is not in this catalog's tables ({', '.join(tables)})")
+        out[name] = sub.get(t, kind)
+    return out
+
+
+# ------------------------------------------------------------ branch config
+
+@dataclass
+class BranchConfig:
+    path: str
+    branch: str
+    source_dsn: str
+    target_dsn: str
+    catalogs: list[str] | None          # None: HQ's default catalogs
+    poll_interval: float = 5.0          # seconds between polls when NOTIFY is quiet
+    batch_rows: int = 5000              # rows per apply transaction
+
+
+def load_branch(path: str | Path) -> BranchConfig:
+    """Read branch.yaml: who we are, where HQ and the local database are."""
+    path = str(path)
+    root = _Reader(path, load_yaml(path))
+    root.check_keys({"branch", "source", "target", "catalogs", "poll_interval", "batch_rows"})
+    branch = root.get("branch", str)
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", branch):
+        raise root.error("branch", "use letters, digits, '-', '_' or '.' (max 63)", branch)
+    source, target = root.sub("source"), root.sub("target")
+    source.check_keys({"dsn"})
+    target.check_keys({"dsn"})
+    catalogs = root.get("catalogs", list, None)
+    if catalogs is not None:
+        for c in catalogs:
+            if not isinstance(c, str) or not _CATALOG_RE.match(c):
+                raise root.error("catalogs", "expected a list of catalog ids like [items, stock]", c)
+        if len(set(catalogs)) != len(catalogs):
+            raise root.error("catalogs", "a catalog is listed twice", catalogs)
+    try:
+        poll = parse_duration(root.get("poll_interval", (int, str), 5)).total_seconds()
+    except ValueError as e:
+        raise root.error("poll_interval", str(e)) from None
+    batch = root.get("batch_rows", int, 5000)
+    if batch < 1:
+        raise root.error("batch_rows", "must be at least 1", batch)
+    return BranchConfig(path=path, branch=branch, source_dsn=source.get("dsn", str),
+                        target_dsn=target.get("dsn", str), catalogs=catalogs,
+                        poll_interval=max(poll, 0.05), batch_rows=batch)

@@ -1,0 +1,200 @@
+"""`replicator init`: truncate-and-copy selected catalogs from HQ, then hand
+each table over to the change stream.
+
+Per catalog, HQ side: one REPEATABLE READ transaction takes the snapshot and
+streams ``COPY (SELECT ... WHERE filter) TO STDOUT``.  Branch side: one
+transaction locks the branch position (so a running replicator waits),
+truncates the catalog's tables, copies, and records the copy snapshot; the
+stream then skips exactly the changes the copy already holds.  The HQ
+snapshot is taken *after* the branch position is locked, so it contains
+every change the branch position claims: no gap, no double.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psycopg
+from psycopg import sql
+
+from . import db, state
+from .config import BranchConfig
+from .errors import AlreadyInitialized, ConfigError, SchemaMismatch
+from .filters import parse_filter, render
+from .schema import (Table, bind_target, branch_params, check_names, columns_of, offered_catalogs,
+                     select_catalogs, source_tables)
+
+log = logging.getLogger(__name__)
+
+CUSTOMERS = "customers"
+INIT_LOCK = 2            # pg_advisory_xact_lock(daemon.LOCK_KEY, 2): first init creates the position
+
+
+@dataclass
+class TableCopy:
+    table: str
+    rows: int
+    bytes: int
+    seconds: float
+
+
+@dataclass
+class InitReport:
+    catalogs: list[str] = field(default_factory=list)
+    skipped: dict[str, object] = field(default_factory=dict)   # already initialized: since
+    copies: list[TableCopy] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return sum(c.rows for c in self.copies)
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.bytes for c in self.copies)
+
+
+Progress = Callable[[str, str, int, int], None]   # (event, table, rows, bytes)
+
+
+def choose(cfg: BranchConfig, offered, named: list[str], include_customers: bool) -> list[str]:
+    """Which catalogs this init copies: named ones, else the selection minus customers."""
+    selected = select_catalogs(cfg, offered)
+    if named:
+        check_names(named, offered, cfg.path)
+        outside = [c for c in named if c not in selected]
+        if outside:
+            raise ConfigError(f"catalog {', '.join(outside)} is not selected for this branch; add it to "
+                              "catalogs: first", cfg.path, None, "catalogs")
+        return list(named)
+    return [c for c in selected if c != CUSTOMERS or include_customers]
+
+
+def initialize(cfg: BranchConfig, named: list[str] | None = None, include_customers: bool = False,
+               force: bool = False, create_missing: bool = False,
+               progress: Progress | None = None) -> InitReport:
+    started = time.monotonic()
+    hq = db.connect(cfg.source_dsn, "HQ", autocommit=True, application=f"replicator init {cfg.branch}")
+    branch = db.connect(cfg.target_dsn, "branch", autocommit=True, application=f"replicator init {cfg.branch}")
+    try:
+        db.require_version(hq, "hq", "HQ")
+        offered = offered_catalogs(hq)
+        names = choose(cfg, offered, named or [], include_customers)
+        params = branch_params(hq, cfg.branch)
+        tables = source_tables(hq, names)
+        _ensure_tables(hq, branch, tables, create_missing)
+        bind_target(branch, tables)
+        state.ensure_schema(branch)
+        report = InitReport()
+        todo = _check_force(cfg, names, tables, state.table_states(branch), force, bool(named), report)
+        for name in todo:
+            cat_tables = [t for t in tables if t.catalog == name]
+            report.copies += copy_catalog(hq, branch, cat_tables, params, progress)
+            report.catalogs.append(name)
+            log.info("catalog %s initialized", name)
+        pos = state.load_position(branch)
+        if pos is not None:
+            hq.execute("SELECT replication.ack(%s, %s::pg_snapshot, NULL)", (cfg.branch, pos.snapshot))
+        report.seconds = time.monotonic() - started
+        return report
+    finally:
+        hq.close()
+        branch.close()
+
+
+def _check_force(cfg, names, tables, states, force, explicit, report) -> list[str]:
+    """First sync only: re-copying an initialized catalog needs --force."""
+    done = {}
+    for t in tables:
+        st = states.get(t.qualified)
+        if st is not None and st.initialized_at is not None:
+            done.setdefault(t.catalog, st.initialized_at)
+    if force or not done:
+        return names
+    listed = ", ".join(f"{c} (since {ts:%Y-%m-%d %H:%M})" for c, ts in done.items())
+    if explicit or all(c in done for c in names):
+        raise AlreadyInitialized(f"already initialized: {listed}; a full initialization is meant for the "
+                                 "first sync only; pass --force to truncate and copy again")
+    report.skipped.update(done)
+    log.info("skipping catalogs already initialized (use --force to copy again): %s", listed)
+    return [c for c in names if c not in done]
+
+
+def copy_catalog(hq: psycopg.Connection, branch: psycopg.Connection, tables: list[Table], params: dict,
+                 progress: Progress | None = None) -> list[TableCopy]:
+    """Copy one catalog's tables in one branch transaction at one HQ snapshot."""
+    out = []
+    with branch.transaction():
+        branch.execute("SET LOCAL session_replication_role = replica")
+        branch.execute("SELECT pg_advisory_xact_lock(%s, %s)", (0x7265706C, INIT_LOCK))
+        pos = state.load_position(branch, lock=True)
+        with hq.transaction():
+            hq.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            snap = hq.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+            _truncate(branch, tables)
+            for t in tables:
+                out.append(_copy_table(hq, branch, t, params, progress))
+                state.mark_copied(branch, t.schema, t.name, t.catalog, snap, out[-1].rows)
+        if pos is None:
+            state.save_position(branch, state.Position(snapshot=snap))
+        else:
+            state.bump_config(branch)
+    return out
+
+
+def _truncate(branch: psycopg.Connection, tables: list[Table]) -> None:
+    """TRUNCATE together; tables referenced from outside the catalog are emptied with DELETE."""
+    plain = [t for t in tables if not t.referenced]
+    if plain:
+        branch.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(t.ident for t in plain)))
+    for t in tables:
+        if t.referenced:
+            branch.execute(sql.SQL("DELETE FROM {}").format(t.ident))
+
+
+def copy_query(t: Table, params: dict) -> sql.Composed:
+    """The HQ side of the copy: only the branch's rows, never excluded columns."""
+    cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
+    where = sql.SQL("")
+    if t.filter:
+        flt = parse_filter(t.qualified, t.filter, t.hq_columns)
+        where = sql.SQL(" WHERE ({}) IS TRUE").format(render(flt, params, sql.Identifier))
+    return sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT (FORMAT binary)").format(cols, t.ident, where)
+
+
+def _copy_table(hq, branch, t: Table, params: dict, progress: Progress | None) -> TableCopy:
+    start = time.monotonic()
+    cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
+    nrows = nbytes = 0
+    last_report = start
+    if progress:
+        progress("start", t.qualified, 0, 0)
+    with hq.cursor() as src, branch.cursor() as dst:
+        with src.copy(copy_query(t, params)) as cin, \
+                dst.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(t.ident, cols)) as cout:
+            for data in cin:
+                cout.write(data)
+                nbytes += len(data)
+                if progress and time.monotonic() - last_report > 0.5:
+                    last_report = time.monotonic()
+                    progress("bytes", t.qualified, 0, nbytes)
+        nrows = dst.rowcount
+    result = TableCopy(t.qualified, nrows, nbytes, time.monotonic() - start)
+    if progress:
+        progress("done", t.qualified, nrows, nbytes)
+    return result
+
+
+def _ensure_tables(hq, branch, tables: list[Table], create_missing: bool) -> None:
+    missing = [t for t in tables if not columns_of(branch, t.schema, t.name)]
+    if not missing:
+        return
+    if not create_missing:
+        raise SchemaMismatch(", ".join(t.qualified for t in missing), None,
+                             "table missing on the branch; create it, or pass --create-missing to create it "
+                             "from HQ's definition")
+    from .ddl import create_from_hq
+    for t in missing:
+        create_from_hq(hq, branch, t)

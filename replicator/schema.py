@@ -1,0 +1,153 @@
+"""What is replicated: catalogs offered by HQ, the tables a branch selected,
+and the column lists both sides agree on.
+
+Column lists come from each side's pg_catalog, so extra local columns keep
+their defaults and excluded columns never travel.  A mismatch stops the
+branch before any row is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from .config import BranchConfig
+from .errors import ConfigError, ReplicatorError, SchemaMismatch, UnknownCatalog
+
+
+@dataclass
+class Catalog:
+    name: str
+    label: str
+    default: bool
+
+
+@dataclass
+class Table:
+    """One replicated table as both sides see it."""
+    id: int
+    catalog: str
+    schema: str
+    name: str
+    key_columns: list[str]
+    filter: str | None
+    exclude_columns: list[str]
+    hq_columns: dict[str, str] = field(default_factory=dict)   # name -> type, excluded removed
+    columns: list[str] = field(default_factory=list)           # written on the branch
+    referenced: bool = False          # another branch table has an FK to it
+    identity_always: bool = False
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+
+_COLUMNS_SQL = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '', a.attidentity, a.attgenerated
+  FROM pg_attribute a
+ WHERE a.attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text))
+   AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY a.attnum"""
+
+
+def columns_of(conn: psycopg.Connection, schema: str, name: str) -> list[tuple]:
+    return conn.execute(_COLUMNS_SQL, (schema, name)).fetchall()
+
+
+def offered_catalogs(hq: psycopg.Connection) -> dict[str, Catalog]:
+    rows = hq.execute("SELECT name, label, is_default FROM replication.catalogs ORDER BY name").fetchall()
+    return {r[0]: Catalog(*r) for r in rows}
+
+
+def select_catalogs(cfg: BranchConfig, offered: dict[str, Catalog]) -> list[str]:
+    """branch.yaml's list, or HQ's defaults when it names none."""
+    if cfg.catalogs is None:
+        return [c.name for c in offered.values() if c.default]
+    unknown = [c for c in cfg.catalogs if c not in offered]
+    if unknown:
+        raise UnknownCatalog(f"unknown catalog {', '.join(unknown)}; HQ offers: {', '.join(offered) or '(none: run replicator hq install)'}",
+                             cfg.path, None, "catalogs")
+    return list(cfg.catalogs)
+
+
+def check_names(names: list[str], offered: dict[str, Catalog], where: str) -> None:
+    unknown = [c for c in names if c not in offered]
+    if unknown:
+        raise UnknownCatalog(f"unknown catalog {', '.join(unknown)}; HQ offers: {', '.join(offered)}",
+                             where, None, None)
+
+
+def source_tables(hq: psycopg.Connection, catalogs: list[str]) -> list[Table]:
+    """The HQ tables of the given catalogs with their HQ column types."""
+    rows = hq.execute(
+        """SELECT id, catalog, schema_name, table_name, key_columns, filter, exclude_columns
+             FROM replication.tables WHERE active AND catalog = ANY(%s) ORDER BY id""",
+        (catalogs,)).fetchall()
+    tables = [Table(*r) for r in rows]
+    for t in tables:
+        cols = columns_of(hq, t.schema, t.name)
+        if not cols:
+            raise ReplicatorError(f"table {t.qualified} of catalog {t.catalog} is registered but "
+                                  "missing on HQ; re-run `replicator hq install`")
+        t.hq_columns = {c[0]: c[1] for c in cols if c[0] not in t.exclude_columns}
+    return tables
+
+
+def bind_target(branch: psycopg.Connection, tables: list[Table]) -> None:
+    """Check each branch table against HQ's and fill the column lists to write."""
+    missing = [t.qualified for t in tables if not columns_of(branch, t.schema, t.name)]
+    if missing:
+        raise SchemaMismatch(", ".join(missing), None,
+                             "table missing on the branch; create it (or `replicator init --create-missing`)")
+    for t in tables:
+        _bind_one(branch, t)
+
+
+def _bind_one(branch: psycopg.Connection, t: Table) -> None:
+    local = {c[0]: c for c in columns_of(branch, t.schema, t.name)}
+    for col, typ in t.hq_columns.items():
+        if col not in local:
+            raise SchemaMismatch(t.qualified, col, "column missing on the branch; add it with the HQ type " + typ)
+        if local[col][1] != typ:
+            raise SchemaMismatch(t.qualified, col, f"type is {local[col][1]} on the branch but {typ} on HQ")
+        if local[col][5]:
+            raise SchemaMismatch(t.qualified, col, "is a generated column on the branch but a plain one on HQ")
+    for col, (_, typ, notnull, has_default, _, _) in local.items():
+        if col not in t.hq_columns and notnull and not has_default:
+            why = "is excluded on HQ" if col in t.exclude_columns else "does not exist on HQ"
+            raise SchemaMismatch(t.qualified, col, f"{why} and is NOT NULL without a default on the branch; "
+                                 "give it a default")
+    keys = branch.execute(
+        """SELECT array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i
+            CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+            WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND i.indisprimary""",
+        (t.schema, t.name)).fetchone()[0]
+    if keys != t.key_columns:
+        raise SchemaMismatch(t.qualified, None, f"primary key is ({', '.join(keys or [])}) on the branch "
+                             f"but ({', '.join(t.key_columns)}) on HQ")
+    t.columns = [c for c in local if c in t.hq_columns]
+    t.identity_always = any(local[c][4] == "a" for c in t.columns)
+    t.referenced = branch.execute(
+        "SELECT EXISTS (SELECT FROM pg_constraint WHERE contype = 'f' AND confrelid = "
+        "to_regclass(format('%%I.%%I', %s::text, %s::text)))", (t.schema, t.name)).fetchone()[0]
+
+
+def branch_params(hq: psycopg.Connection, branch: str) -> dict:
+    """The parameters HQ registered for this branch (row filters use them)."""
+    try:
+        row = hq.execute("SELECT params, active FROM replication.branch_info(%s)", (branch,)).fetchone()
+    except psycopg.errors.InsufficientPrivilege as e:
+        raise ReplicatorError(f"HQ refused to show branch {branch}'s registration: {e.diag.message_primary}") from e
+    if row is None:
+        raise ConfigError(f"branch {branch} is not registered on HQ (or not for this login); "
+                          f"run on HQ: replicator hq add-branch -c hq.yaml {branch}")
+    if not row[1]:
+        raise ReplicatorError(f"branch {branch} is deactivated on HQ")
+    return dict(row[0])

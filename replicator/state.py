@@ -1,0 +1,103 @@
+"""The branch's own state: position in HQ's log and per-table initialization.
+
+Like pgcopydb's sentinel, progress is a row in the target database, written
+in the same transaction as the rows it covers, and printed by `status`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+
+from . import db
+
+SOURCE = "hq"
+
+
+@dataclass
+class Position:
+    snapshot: str                    # everything visible in it is applied
+    window_snapshot: str | None = None
+    window_last_id: int = 0
+    config_version: int = 0
+    applied_changes: int = 0
+    applied_until: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass
+class TableState:
+    schema: str
+    name: str
+    catalog: str
+    copy_snapshot: str | None
+    initialized_at: datetime | None
+    rows_copied: int | None
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+def ensure_schema(conn: psycopg.Connection) -> list[str]:
+    """Create or upgrade the branch's replication schema."""
+    return db.migrate(conn, "branch")
+
+
+def has_schema(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT to_regclass('replication.position') IS NOT NULL").fetchone()[0]
+
+
+def load_position(conn: psycopg.Connection, lock: bool = False) -> Position | None:
+    """The branch position; with lock=True it is held until the transaction ends,
+    which serializes apply, init and repair on one branch."""
+    if not has_schema(conn):
+        return None
+    q = ("SELECT snapshot::text, window_snapshot::text, window_last_id, config_version, "
+         "applied_changes, applied_until, updated_at FROM replication.position WHERE source = %s")
+    if lock:
+        q += " FOR UPDATE"
+    row = conn.execute(q, (SOURCE,)).fetchone()
+    return Position(*row) if row else None
+
+
+def save_position(conn: psycopg.Connection, pos: Position, applied: int = 0) -> None:
+    conn.execute(
+        """INSERT INTO replication.position AS p (source, snapshot, window_snapshot, window_last_id,
+                  config_version, applied_changes, applied_until, updated_at)
+           VALUES (%s, %s::pg_snapshot, %s::pg_snapshot, %s, %s, %s, %s, now())
+           ON CONFLICT (source) DO UPDATE SET snapshot = EXCLUDED.snapshot,
+                  window_snapshot = EXCLUDED.window_snapshot, window_last_id = EXCLUDED.window_last_id,
+                  config_version = EXCLUDED.config_version,
+                  applied_changes = p.applied_changes + %s,
+                  applied_until = GREATEST(p.applied_until, EXCLUDED.applied_until), updated_at = now()""",
+        (SOURCE, pos.snapshot, pos.window_snapshot, pos.window_last_id, pos.config_version,
+         applied, pos.applied_until, applied))
+
+
+def table_states(conn: psycopg.Connection) -> dict[str, TableState]:
+    if not has_schema(conn):
+        return {}
+    rows = conn.execute(
+        "SELECT schema_name, table_name, catalog, copy_snapshot::text, initialized_at, rows_copied "
+        "FROM replication.tables WHERE source = %s", (SOURCE,)).fetchall()
+    return {f"{r[0]}.{r[1]}": TableState(*r) for r in rows}
+
+
+def mark_copied(conn: psycopg.Connection, schema: str, name: str, catalog: str,
+                snapshot: str, rows: int) -> None:
+    conn.execute(
+        """INSERT INTO replication.tables (source, schema_name, table_name, catalog, copy_snapshot,
+                                           initialized_at, rows_copied)
+           VALUES (%s, %s, %s, %s, %s::pg_snapshot, now(), %s)
+           ON CONFLICT (source, schema_name, table_name) DO UPDATE
+              SET catalog = EXCLUDED.catalog, copy_snapshot = EXCLUDED.copy_snapshot,
+                  initialized_at = now(), rows_copied = EXCLUDED.rows_copied""",
+        (SOURCE, schema, name, catalog, snapshot, rows))
+
+
+def bump_config(conn: psycopg.Connection) -> None:
+    """Tell a running apply loop that table states changed under it."""
+    conn.execute("UPDATE replication.position SET config_version = config_version + 1 WHERE source = %s",
+                 (SOURCE,))
