@@ -4,8 +4,8 @@ A chunk is reduced per table to the last change of each key (a row image
 is the whole row, so the last one wins), with TRUNCATE as a barrier; then
 each table gets at most one DELETE and one INSERT ... ON CONFLICT.  If a
 set-based statement trips a unique constraint that only holds in HQ's
-statement order, the chunk's changes of that table are replayed one by one
-in log order instead.
+statement order, every key the chunk touched in that table is deleted and
+the final images inserted again.
 """
 from __future__ import annotations
 
@@ -32,22 +32,19 @@ class ApplyStats:
 class _Pending:
     """The reduced effect of a chunk on one table."""
 
-    __slots__ = ("truncate", "last", "ordered")
+    __slots__ = ("truncate", "last")
 
     def __init__(self):
         self.truncate = False
         self.last: dict[str, tuple[str, str]] = {}   # key -> (op, row)
-        self.ordered: list[tuple[str, str, str]] = []  # for the row-by-row fallback
 
     def add(self, op: str, key: str, row: str) -> None:
         if op == "T":
             self.truncate = True
             self.last.clear()
-            self.ordered.clear()
             return
         self.last.pop(key, None)      # keep dict order = order of last change
         self.last[key] = (op, row)
-        self.ordered.append((op, key, row))
 
 
 class Applier:
@@ -90,16 +87,40 @@ class Applier:
                 if upserts:
                     self.conn.execute(stmts["upsert"], (_json_array(upserts),))
         except psycopg.errors.UniqueViolation:
-            log.info("%s: set-based apply hit a unique constraint; replaying %d changes in order",
-                     self.tables[tid].qualified, len(p.ordered))
-            for op, _key, row in p.ordered:
-                self.conn.execute(stmts["delete" if op == "D" else "upsert"], (_json_array([row]),))
+            # Replaying row by row in log order is not enough: one HQ statement may move a unique
+            # value along many rows (`SET id = id + 1` on a table with a unique code) in an order
+            # no single-row sequence can follow.  Removing every touched key first frees all their
+            # values; the final images then hold together as they did on HQ.
+            log.info("%s: set-based apply hit a unique constraint; re-applying %d keys as delete + insert",
+                     self.tables[tid].qualified, len(p.last))
+            self.conn.execute(stmts["delete"], (_json_array([row for _op, row in p.last.values()]),))
+            if upserts:
+                self.conn.execute(stmts["upsert"], (_json_array(upserts),))
         stats.deletes += len(deletes)
         stats.upserts += len(upserts)
 
 
 def _json_array(rows: list[str]) -> str:
     return "[" + ",".join(rows) + "]"
+
+
+def _images(t: Table) -> sql.Composed:
+    """The rows of a jsonb array of row images (the %s parameter), typed as the table, as `d`.
+
+    Capture sends json and jsonb values as their text (to_jsonb would reorder a json
+    value's keys and turn a JSON null into SQL NULL); jsonb_populate_record would keep
+    such a text as a JSON string, so those columns are cast from the text instead.
+    Every other type reads its text form, or its JSON value, through populate.
+    """
+    texts = [c for c in t.columns if t.hq_columns.get(c) in ("json", "jsonb")]
+    if not texts:
+        return sql.SQL("pg_catalog.jsonb_populate_recordset(NULL::{}, %s::jsonb) AS d").format(t.ident)
+    exprs = sql.SQL(", ").join(
+        sql.SQL("(e.r OPERATOR(pg_catalog.->>) {})::pg_catalog.{} AS {}").format(
+            sql.Literal(c), sql.SQL(t.hq_columns[c]), sql.Identifier(c)) if c in texts
+        else sql.SQL("p.{}").format(sql.Identifier(c)) for c in t.columns)
+    return sql.SQL("(SELECT {} FROM pg_catalog.jsonb_array_elements(%s::jsonb) AS e(r), "
+                   "LATERAL pg_catalog.jsonb_populate_record(NULL::{}, e.r) AS p) AS d").format(exprs, t.ident)
 
 
 def _statements(t: Table) -> dict[str, sql.Composed]:
@@ -112,13 +133,15 @@ def _statements(t: Table) -> dict[str, sql.Composed]:
     else:
         conflict = sql.SQL("DO NOTHING")
     overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if t.identity_always else sql.SQL("")
+    images = _images(t)
     upsert = sql.SQL(
-        "INSERT INTO {t} ({cols}) {ov}SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, %s::jsonb) "
-        "ON CONFLICT ({keys}) {conflict}").format(t=t.ident, cols=cols, ov=overriding, keys=keys, conflict=conflict)
+        "INSERT INTO {t} ({cols}) {ov}SELECT {cols} FROM {images} "
+        "ON CONFLICT ({keys}) {conflict}").format(t=t.ident, cols=cols, ov=overriding, images=images,
+                                                  keys=keys, conflict=conflict)
     match = sql.SQL(" AND ").join(
         sql.SQL("t.{0} = d.{0}").format(sql.Identifier(k)) for k in t.key_columns)
-    delete = sql.SQL("DELETE FROM {t} AS t USING pg_catalog.jsonb_populate_recordset(NULL::{t}, %s::jsonb) AS d "
-                     "WHERE {match}").format(t=t.ident, match=match)
+    delete = sql.SQL("DELETE FROM {t} AS t USING {images} WHERE {match}").format(
+        t=t.ident, images=images, match=match)
     # TRUNCATE refuses a table referenced by a foreign key even in replica mode.
     truncate = (sql.SQL("DELETE FROM {}") if t.referenced else sql.SQL("TRUNCATE {}")).format(t.ident)
     return {"upsert": upsert, "delete": delete, "truncate": truncate}

@@ -58,10 +58,11 @@ def sql_script(cfg: HQConfig) -> str:
              "-- Apply each block in order; each migration records itself in replication.versions."]
     for version, name, text in db.migrations("hq"):
         parts.append(f"\n-- migration {version:03d}_{name}\nBEGIN;\n"
-                     f"DO $v$ BEGIN IF to_regclass('replication.versions') IS NOT NULL AND EXISTS "
-                     f"(SELECT FROM replication.versions WHERE version = {version}) THEN "
+                     # nested IFs: PL/pgSQL plans the inner query only once the table exists
+                     f"DO $v$ BEGIN IF to_regclass('replication.versions') IS NOT NULL THEN "
+                     f"IF EXISTS (SELECT FROM replication.versions WHERE version = {version}) THEN "
                      f"RAISE EXCEPTION 'migration {version} already applied: skip this block'; "
-                     f"END IF; END $v$;\n"
+                     f"END IF; END IF; END $v$;\n"
                      f"{text.rstrip()}\n"
                      f"INSERT INTO replication.versions (version, name) VALUES ({version}, '{name}');\n"
                      f"COMMIT;")

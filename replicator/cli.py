@@ -7,6 +7,7 @@ its traceback.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ import click
 import psycopg
 
 from . import config as config_mod
-from .errors import ConfigError, ReplicatorError
+from .errors import ConfigError, ReplicatorError, redact
 
 log = logging.getLogger("replicator")
 
@@ -29,11 +30,23 @@ class _JsonFormatter(logging.Formatter):
                            "logger": record.name, "msg": record.getMessage()}, ensure_ascii=False)
 
 
+class _Redact(logging.Filter):
+    """Last line of defence: no log line carries a password from a connection string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = redact(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
 def _setup_logging(verbose: int, quiet: bool, log_json: bool, daemon: bool) -> None:
     """Daemons log a line per batch by default; one-shot commands print results and log only problems."""
     levels = [logging.INFO, logging.DEBUG] if daemon else [logging.WARNING, logging.INFO, logging.DEBUG]
     level = logging.WARNING if quiet else levels[min(verbose, len(levels) - 1)]
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Redact())
     handler.setFormatter(_JsonFormatter() if log_json else
                          logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()
@@ -42,7 +55,37 @@ def _setup_logging(verbose: int, quiet: bool, log_json: bool, daemon: bool) -> N
     logging.getLogger("psycopg").setLevel(logging.WARNING)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _keep_examples(text: str) -> str:
+    """Click rewraps every help paragraph; a \\b line keeps each example command on its own line."""
+    paragraphs, in_example = inspect.cleandoc(text).split("\n\n"), False
+    for i, para in enumerate(paragraphs):
+        if para.startswith((" ", "\b")):
+            if in_example and not para.startswith("\b"):
+                paragraphs[i] = "\b\n" + para
+        else:
+            in_example = para.rstrip().endswith(("Example:", "Examples:"))
+    return "\n\n".join(paragraphs)
+
+
+class _KeepExamples:
+    """Help text with its Example: block printed as written."""
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self.help:
+            self.help = _keep_examples(self.help)
+        super().format_help_text(ctx, formatter)
+
+
+class _Command(_KeepExamples, click.Command):
+    pass
+
+
+class _Group(_KeepExamples, click.Group):
+    command_class = _Command    # every @group.command()
+    group_class = type          # sub-groups are _Group too
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging; repeat for DEBUG (SQL).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("--log-json", is_flag=True, help="Log JSON lines (for daemons and log shippers).")
@@ -266,6 +309,14 @@ def init(config_path: str, catalogs: tuple[str, ...], include_customers: bool, f
 def run(config_path: str, once: bool) -> None:
     """Replicate HQ changes to this branch until stopped (SIGTERM/Ctrl-C finish cleanly).
 
+    Wakes on NOTIFY from HQ and polls every `poll_interval` (branch.yaml)
+    as a fallback. Problems found at start (config, password, schema,
+    nothing listening) exit at once: 2 for configuration, 1 otherwise. Once
+    running, a lost HQ or branch connection is logged once and retried
+    with backoff until it is back. SIGTERM/SIGINT finish the current
+    transaction and exit 0. One `run` per branch database: a second one
+    names the one holding the lock and exits 1.
+
     Example:
 
         replicator run -c branch.yaml
@@ -297,25 +348,128 @@ def status(config_path: str) -> None:
     sys.exit(0 if st.up_to_date else 1)
 
 
+@cli.command()
+@CONFIG
+@click.argument("catalogs", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
+@click.option("--repair", is_flag=True, help="Re-copy the differing rows from HQ (one branch transaction), "
+              "then verify again.")
+@click.option("--wait", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
+              help="How long to wait for a running replicator to apply changes in flight.")
+def verify(config_path: str, catalogs: tuple[str, ...], as_json: bool, repair: bool, wait: float) -> None:
+    """Prove the branch holds exactly HQ's rows (filtered, without excluded columns).
+
+    Compares every initialized table of the selected (or named) catalogs
+    by hashing primary-key buckets inside each database, narrows differing
+    buckets down to keys, and re-checks those after the branch caught up,
+    so changes in flight are not reported. Safe while `replicator run` and
+    HQ keep working. Exit 0 when equal, 1 when rows differ.
+
+    Example:
+
+        replicator verify -c branch.yaml
+        replicator verify -c branch.yaml items stock --json
+        replicator verify -c branch.yaml --repair
+    """
+    from .verify import format_report, repair as repair_rows, verify as verify_branch
+    cfg = config_mod.load_branch(config_path)
+    report = verify_branch(cfg, list(catalogs), wait)
+    fixed = None
+    if repair and not report.equal:
+        fixed = repair_rows(cfg, report)
+        if not as_json:
+            for line in format_report(report):
+                click.echo(line)
+            for table, n in fixed.repaired.items():
+                click.echo(f"repaired {table}: {n} rows re-copied from HQ")
+            for table, n in fixed.left_to_stream.items():
+                click.echo(f"left {n} rows of {table} to the stream (HQ changes not yet applied)")
+            click.echo("verifying again")
+        report = verify_branch(cfg, list(catalogs), wait)
+    if as_json:
+        doc = report.to_json()
+        if fixed is not None:
+            doc["repair"] = {"repaired": fixed.repaired, "left_to_stream": fixed.left_to_stream,
+                             "snapshot": fixed.snapshot}
+        click.echo(json.dumps(doc, ensure_ascii=False, indent=2))
+    else:
+        for line in format_report(report):
+            click.echo(line)
+    sys.exit(0 if report.equal else 1)
+
+
+@cli.command()
+@click.option("--duration", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
+              help="How long HQ keeps changing catalogs while the branches replicate.")
+@click.option("--keep", is_flag=True, help="Leave the clusters running at the end and print how to connect.")
+@click.option("--size", type=click.Choice(["tiny", "small", "demo"]), default="demo", show_default=True,
+              help="Size of the sample chain on HQ (demo: 50,000 items, 10 stores).")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=50, show_default=True,
+              metavar="PER_SECOND", help="HQ transactions (price changes, stock moves, ...) per second.")
+def demo(duration: float, keep: bool, size: str, rate: float) -> None:
+    """Try it all on this machine: HQ, two branches, live changes, verification.
+
+    Starts throwaway PostgreSQL clusters (HQ and two branches), loads the
+    sample point-of-sale chain, installs capture, initializes store-001
+    with customers and store-002 without, runs a replicator for each while
+    HQ keeps changing prices, stock, customers and items, then checks that
+    both branches hold exactly HQ's rows. Everything is removed at the end
+    (also on Ctrl-C) unless --keep. Exit 0 when both branches match HQ.
+
+    Example:
+
+        replicator demo
+        replicator demo --duration 10 --size tiny --keep
+    """
+    from .demo import run_demo
+    sys.exit(run_demo(duration, keep, size, rate))
+
+
+@cli.command()
+@CONFIG
+@click.argument("catalogs", nargs=-1, required=True)
+def release(config_path: str, catalogs: tuple[str, ...]) -> None:
+    """Make deselected catalogs' tables writable on this branch again.
+
+    Replicated catalog tables are read-only for local users. To take a
+    catalog back: remove it from `catalogs:` in branch.yaml, then release
+    it (a running `replicator run` picks up the new selection). This drops
+    its guard triggers and forgets its initialization, so selecting it
+    again later starts with a fresh `replicator init`. Refused (exit 2)
+    while the catalog is still selected. The tables keep their rows.
+
+    Example:
+
+        replicator release -c branch.yaml kits
+    """
+    from .guard import release as release_catalogs
+    cfg = config_mod.load_branch(config_path)
+    for rel in release_catalogs(cfg, list(catalogs)):
+        click.echo(f"released {rel.catalog}: {', '.join(rel.tables)} (writable here; no longer updated from HQ)")
+
+
 def main() -> None:
     """Entry point: user errors are one line and an exit code, never a traceback."""
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):   # click turns Ctrl-C into Abort
+            click.echo("interrupted", err=True)
+            sys.exit(130)
         click.echo("aborted", err=True)
         sys.exit(1)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except ReplicatorError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {redact(str(e))}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
     except psycopg.OperationalError as e:
         from .db import explain
-        click.echo(f"error: database connection failed: {explain(e)}", err=True)
+        click.echo(f"error: database connection failed: {redact(explain(e))}", err=True)
         sys.exit(1)
     sys.exit(0)
 

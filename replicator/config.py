@@ -44,8 +44,16 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
     result.line = node.start_mark.line + 1
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
-        result[key] = loader.construct_object(value_node, deep=True)
-        result.lines[key] = key_node.start_mark.line + 1
+        line = key_node.start_mark.line + 1
+        if key in result.lines:
+            # YAML keeps the last one silently: an admin would edit the wrong line.
+            raise ConfigError(f"setting appears twice (first on line {result.lines[key]}); keep one",
+                              getattr(loader, "path", None), line, str(key))
+        try:
+            result[key] = loader.construct_object(value_node, deep=True)
+        except ConfigError as e:   # e.g. ${VAR} not set: say which setting holds it
+            raise e.within(str(key)) from None
+        result.lines[key] = line
     return result
 
 
@@ -84,7 +92,7 @@ def load_yaml(path: str | Path) -> _Map:
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
-        raise ConfigError(f"invalid YAML: {e.problem}", path, line) from None
+        raise ConfigError(f"invalid YAML: {e.problem}{_yaml_hint(e.problem or '')}", path, line) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid YAML: {e}", path) from None
     finally:
@@ -92,6 +100,25 @@ def load_yaml(path: str | Path) -> _Map:
     if not isinstance(data, _Map):
         raise ConfigError("expected a mapping of settings at the top level", path, 1)
     return data
+
+
+_YAML_HINTS = (
+    ("'\\t'", "tabs cannot indent YAML; use spaces"),
+    ("mapping values are not allowed", "check the indentation of this line and the one before, "
+                                       "and quote values that contain ': '"),
+    ("expected <block end>", "check the indentation: keys of one mapping must start in the same column"),
+    ("could not find expected ':'", "write 'key: value' with a space after the colon"),
+    ("expected ',' or '}'", "close the {...} mapping or put it on one line"),
+    ("expected ',' or ']'", "close the [...] list or put it on one line"),
+)
+
+
+def _yaml_hint(problem: str) -> str:
+    """PyYAML speaks parser; say what to change in the file."""
+    for needle, hint in _YAML_HINTS:
+        if needle in problem:
+            return f" ({hint})"
+    return ""
 
 
 class _Reader:
@@ -113,7 +140,9 @@ class _Reader:
     def get(self, key: str, kind: type | tuple, default: Any = ..., ) -> Any:
         if key not in self.data or self.data[key] is None:
             if default is ...:
-                raise self.error(None, f"missing required setting '{self.prefix}{key}'")
+                where = f"add it under {self.prefix.rstrip('.')}:" if self.prefix else "add it"
+                line = self.data.lines.get(key, self.data.line)
+                raise ConfigError(f"missing required setting; {where}", self.path, line, f"{self.prefix}{key}")
             return default
         value = self.data[key]
         if kind is bool and not isinstance(value, bool):
@@ -274,6 +303,12 @@ class BranchConfig:
     catalogs: list[str] | None          # None: HQ's default catalogs
     poll_interval: float = 5.0          # seconds between polls when NOTIFY is quiet
     batch_rows: int = 5000              # rows per apply transaction
+    lines: dict = field(default_factory=dict, repr=False)   # key -> line in the file
+
+    def error(self, key: str, message: str, value: Any = None,
+              kind: type[ConfigError] = ConfigError) -> ConfigError:
+        """An error about a setting that is only found wrong later (on HQ): still file:line: key."""
+        return kind(message, self.path, self.lines.get(key), key, value)
 
 
 def load_branch(path: str | Path) -> BranchConfig:
@@ -303,4 +338,4 @@ def load_branch(path: str | Path) -> BranchConfig:
         raise root.error("batch_rows", "must be at least 1", batch)
     return BranchConfig(path=path, branch=branch, source_dsn=source.get("dsn", str),
                         target_dsn=target.get("dsn", str), catalogs=catalogs,
-                        poll_interval=max(poll, 0.05), batch_rows=batch)
+                        poll_interval=max(poll, 0.05), batch_rows=batch, lines=dict(root.data.lines))

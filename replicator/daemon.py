@@ -10,6 +10,7 @@ leaves either the whole chunk with its position or neither.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -20,10 +21,11 @@ from datetime import datetime, timezone
 
 import psycopg
 
-from . import db, state
+from . import config as config_mod
+from . import db, guard, state
 from .apply import Applier
 from .config import BranchConfig
-from .errors import LockHeld, NotInitialized, PositionLost, ReplicatorError
+from .errors import ApplyFailed, ConnectionFailed, LockHeld, NotInitialized, PositionLost, ReplicatorError
 from .reader import LogReader, covers, current_snapshot
 from .schema import bind_target, branch_params, offered_catalogs, select_catalogs, source_tables
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x7265706C  # 'repl': pg_advisory_lock(LOCK_KEY, 1) marks a running replicator
 CHANNEL = "replicator"
+ACK_INTERVAL = 1.0       # seconds between position reports for empty windows
 
 
 class _Reload(Exception):
@@ -46,6 +49,8 @@ class Session:
         self.hq = self.branch = self.listener = None
         self.tables = []
         self.config_version = 0
+        self.last_ack = 0.0
+        self.stop = threading.Event()   # set by SIGTERM/SIGINT: stop after the current chunk
 
     # ---------------------------------------------------------- connect
     def open(self, listen: bool = True) -> None:
@@ -89,11 +94,14 @@ class Session:
         if pos is None:
             raise NotInitialized(f"branch {self.cfg.branch} has no position yet; run `replicator init -c "
                                  f"{self.cfg.path}` first")
+        if getattr(self, "reader", None) is not None and pos.config_version != self.config_version:
+            self._reread_selection()
         offered = offered_catalogs(self.hq)
         names = select_catalogs(self.cfg, offered)
-        params = branch_params(self.hq, self.cfg.branch)
+        params = branch_params(self.hq, self.cfg.branch, self.cfg)
         tables = source_tables(self.hq, names)
         bind_target(self.branch, tables)
+        guard.sync(self.branch, tables, self.cfg.path, pos.config_version)   # read-only tables, stale state
         states = state.table_states(self.branch)
         skip = {}
         for t in tables:
@@ -109,6 +117,18 @@ class Session:
         self.applier.prepare_session()
         self.config_version = pos.config_version
         log.info("branch %s: replicating %d tables of catalogs %s", self.cfg.branch, len(tables), ", ".join(names))
+
+    def _reread_selection(self) -> None:
+        """init and release bump config_version after the admin edited `catalogs:` in branch.yaml;
+        streaming a catalog init just copied (or still streaming one release just freed) with the
+        selection read at start would leave a gap (or write to a released table)."""
+        if not self.cfg.path or not os.path.isfile(self.cfg.path):
+            return
+        fresh = config_mod.load_branch(self.cfg.path)
+        if fresh.catalogs != self.cfg.catalogs:
+            log.info("catalog selection in %s changed: %s", self.cfg.path,
+                     ", ".join(fresh.catalogs) if fresh.catalogs is not None else "HQ defaults")
+            self.cfg = dataclasses.replace(self.cfg, catalogs=fresh.catalogs)
 
     # ------------------------------------------------------------- work
     def check_horizon(self, pos: state.Position) -> None:
@@ -130,15 +150,32 @@ class Session:
             if cur == pos.snapshot:
                 return 0
         self.check_horizon(pos)
-        applied, finished, newest = 0, False, None
+        applied, finished, newest, carry = 0, False, None, []
         with closing(self.reader.window(self.hq, pos.snapshot, cur, after)) as chunks:
             for rows in chunks:
                 finished = len(rows) < self.cfg.batch_rows
-                applied += self._apply(pos, cur, rows, done=finished)
+                try:
+                    applied += self._apply(pos, cur, carry + rows, done=finished)
+                except psycopg.errors.UniqueViolation:
+                    if finished:
+                        raise
+                    # The chunk ends inside an HQ statement whose rows are unique only all
+                    # together: apply it with the next chunk (the window's end is consistent).
+                    carry += rows
+                    log.info("a unique constraint holds only past log id %d; applying %d changes "
+                             "together with the next chunk", rows[-1][0], len(carry))
+                    continue
+                carry = []
                 newest = rows[-1][5]
+                if not finished and self.stop.is_set():
+                    # The position holds window_last_id: the next run resumes right here.
+                    log.info("stopping inside a window after log id %d; the next run resumes there",
+                             rows[-1][0])
+                    return applied
         if not finished:
-            self._apply(pos, cur, [], done=True)
-        self._ack(cur, newest)
+            applied += self._apply(pos, cur, carry, done=True)
+            newest = carry[-1][5] if carry else newest
+        self._ack(cur, newest, force=applied > 0 or target is not None)
         return applied
 
     def _apply(self, pos: state.Position, cur: str, rows: list[tuple], done: bool) -> int:
@@ -164,8 +201,16 @@ class Session:
             pos.snapshot = cur
         return len(rows)
 
-    def _ack(self, position: str, applied_until) -> None:
-        """Report the position to HQ; failing to do so never blocks applying."""
+    def _ack(self, position: str, applied_until, force: bool = False) -> None:
+        """Report the position to HQ; failing to do so never blocks applying.
+
+        Empty windows are reported at most once per ACK_INTERVAL so that many
+        idle branches do not turn every HQ commit into an UPDATE of their row.
+        """
+        now = time.monotonic()
+        if not force and now - self.last_ack < ACK_INTERVAL:
+            return
+        self.last_ack = now
         try:
             self.hq.execute("SELECT replication.ack(%s, %s::pg_snapshot, %s)",
                             (self.cfg.branch, position, applied_until))
@@ -197,15 +242,17 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
     stop = stop or threading.Event()
     _install_signal_handlers(stop)
     session = Session(cfg)
-    session.open(listen=not once)
-    target = current_snapshot(session.hq) if once else None
+    session.stop = stop
     outage_since = None
     try:
+        # A problem at start (config, password, schema, HQ unreachable) is an error, not an outage.
+        session.open(listen=not once)
+        target = current_snapshot(session.hq) if once else None
         while not stop.is_set():
             try:
                 if session.hq is None:
                     session.open(listen=not once)
-                    log.info("reconnected after %.1f s", time.monotonic() - outage_since)
+                    log.info("reconnected after %.1f s; resuming", time.monotonic() - outage_since)
                     outage_since = None
                 if once and _caught_up(session, target):
                     return 0
@@ -214,11 +261,14 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
                     session.wait(cfg.poll_interval, stop)
             except _Reload:
                 log.info("table states changed on the branch (init); reloading")
-                session.load()
+                session.config_version = None   # step() reloads, inside this try (outages included)
             except (psycopg.OperationalError, psycopg.InterfaceError, ReplicatorError) as e:
                 if isinstance(e, ReplicatorError) and not _is_connection_error(e):
                     raise
                 outage_since = _outage(session, e, outage_since, stop)
+            except psycopg.DatabaseError as e:
+                _explain_failure(session, e)
+                raise
         return 0
     finally:
         session.close()
@@ -230,20 +280,56 @@ def _caught_up(session: Session, target: str) -> bool:
 
 
 def _is_connection_error(e: ReplicatorError) -> bool:
-    from .errors import ConnectionFailed
     return isinstance(e, ConnectionFailed) and "password" not in e.reason and "does not exist" not in e.reason
+
+
+def _explain_failure(session: Session, e: psycopg.DatabaseError) -> None:
+    """A statement failed on a live connection: turn what a person can fix into one line.
+
+    The failed chunk was rolled back with its position.  A branch table
+    altered while we run shows up as a SchemaMismatch when the selection is
+    bound again; a branch-local constraint or bad data is named with its
+    table.  Anything else is a bug and keeps its traceback.
+    """
+    try:
+        session.load()
+    except ReplicatorError as mismatch:
+        raise mismatch from e
+    except psycopg.Error:
+        pass
+    if isinstance(e, (psycopg.IntegrityError, psycopg.DataError)):
+        diag = e.diag
+        table = f"{diag.schema_name}.{diag.table_name}" if diag.table_name else "a branch table"
+        raise ApplyFailed(f"applying changes to {table} failed on the branch: {diag.message_primary}"
+                          f"{f' ({diag.constraint_name})' if diag.constraint_name else ''}; nothing of that "
+                          "chunk was applied and the position is unchanged; fix the branch table (or its "
+                          "constraint) and start again") from e
+    if isinstance(e, psycopg.errors.InsufficientPrivilege):
+        raise ReplicatorError(f"permission denied: {e.diag.message_primary}; on HQ re-run `replicator hq "
+                              "install` (it grants branch roles their catalog tables), on the branch check "
+                              "the login's privileges") from e
+
+
+def _side(session: Session, e: Exception) -> str:
+    """Which server went away: a failed connect says so; otherwise the broken connection does."""
+    if isinstance(e, ConnectionFailed):
+        return e.side
+    branch = session.branch
+    return "branch" if branch is not None and (branch.broken or branch.closed) else "HQ"
 
 
 def _outage(session: Session, e: Exception, since: float | None, stop: threading.Event) -> float:
     """Log one line per outage (not per retry), close everything, back off."""
     now = time.monotonic()
+    reason = e.reason if isinstance(e, ConnectionFailed) else db.explain(e)
     if since is None:
-        side = "branch" if session.branch is not None and (session.branch.broken or session.branch.closed) \
-            else "HQ"
-        log.warning("lost connection to %s (%s); reconnecting with backoff", side, db.explain(e))
+        side = _side(session, e)
+        dsn = session.cfg.target_dsn if side == "branch" else session.cfg.source_dsn
+        log.warning("lost connection to %s at %s: %s; reconnecting with backoff (changes resume "
+                    "when it is back)", side, db.describe(dsn), reason)
         since = now
     else:
-        log.debug("still no connection: %s", db.explain(e))
+        log.debug("still no connection: %s", reason)
     session.close()
     delay = min(30.0, 0.5 * 2 ** min(int((now - since) / 5), 6))
     stop.wait(delay)

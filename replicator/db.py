@@ -41,16 +41,23 @@ def connect(dsn: str, side: str, *, autocommit: bool = False, application: str =
     except psycopg.ProgrammingError as e:
         raise ConnectionFailed(side, f"invalid connection string: {_first_line(e)}") from None
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, application_name=application,
+        conn = psycopg.connect(dsn, autocommit=autocommit, application_name=application,
                                connect_timeout=timeout)
     except psycopg.OperationalError as e:
         raise ConnectionFailed(side, f"{describe(dsn)}: {explain(e)}") from None
+    # psycopg reads dates and intervals only in ISO / postgres output style; a server or database
+    # set to DateStyle 'SQL, DMY' (usual in Latin America) would make every timestamp unreadable.
+    # Only the output style changes: the day/month order for input stays the server's.
+    conn.execute("SELECT set_config('DateStyle', 'ISO', false), set_config('IntervalStyle', 'postgres', false)")
+    if not autocommit:
+        conn.commit()
+    return conn
 
 
 def explain(e: Exception) -> str:
     """Turn libpq's message into one line that says what to check."""
     msg = _first_line(e)
-    low = msg.lower()
+    low = str(e).lower()   # every line: libpq puts the reason before its hint line
     if "password authentication failed" in low or "no password supplied" in low:
         return "wrong or missing password; check PGPASSWORD, ~/.pgpass or the ${VAR} in the DSN"
     if "does not exist" in low and "database" in low:
@@ -63,21 +70,48 @@ def explain(e: Exception) -> str:
         return "the server did not answer in time; check the host, firewall and network"
     if "could not translate host name" in low or "name or service not known" in low:
         return "unknown host name; check the host in the DSN"
+    if "server does not support ssl" in low:
+        return ("the server does not accept TLS connections, but the DSN requires TLS (sslmode); "
+                "enable ssl on the server or change sslmode in the DSN")
     if "ssl" in low or "certificate" in low:
         return f"TLS problem: {msg}; check sslmode and certificates"
     if "no pg_hba.conf entry" in low:
         return f"{msg}; the server's pg_hba.conf does not allow this connection"
-    return msg
+    return _explain_outage(low) or msg
+
+
+_OUTAGES = (
+    ("server closed the connection unexpectedly", "the server closed the connection (restart, crash or network cut)"),
+    ("terminating connection due to administrator command", "the server shut down or an administrator ended the session"),
+    ("the database system is starting up", "the server is starting up"),
+    ("the database system is shutting down", "the server is shutting down"),
+    ("the database system is in recovery mode", "the server is recovering from a crash"),
+    ("the connection is lost", "the connection was lost"),
+    ("the connection is closed", "the connection was lost"),
+)
+
+
+def _explain_outage(low: str) -> str | None:
+    """The server went away under us: say so plainly (the daemon reconnects)."""
+    for needle, text in _OUTAGES:
+        if needle in low:
+            return text
+    return None
 
 
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     # libpq prefixes "connection failed: connection to server at ... failed: <reason>"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not ln.strip().startswith(_HINT_LINES)]
     reason = lines[-1] if lines else type(e).__name__
-    reason = re.sub(r"^connection to server at .*? failed: ", "", reason)
     reason = re.sub(r"^connection failed: ", "", reason)
-    return reason
+    reason = re.sub(r"^connection to server at .*? failed: ", "", reason)
+    return re.sub(r"^(FATAL|ERROR):\s+", "", reason)
+
+
+# libpq's second lines are hints for people, not the reason.
+_HINT_LINES = ("Is the server", "This probably means", "before or while")
 
 
 def migrations(kind: str) -> list[tuple[int, str, str]]:

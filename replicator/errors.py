@@ -6,6 +6,18 @@ the thing (file and line, table, column, branch) and say what to do next.
 """
 from __future__ import annotations
 
+import re
+
+# postgresql://user:secret@host  and  password=secret / password='se cret'
+_URI_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)\S*@", re.IGNORECASE)
+_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s]+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Hide passwords inside connection strings, so no message or log line carries one."""
+    text = _URI_PASSWORD.sub(r"\1***@", text)
+    return _KV_PASSWORD.sub(r"\1***", text)
+
 
 class ReplicatorError(Exception):
     """Base class: a problem the user can act on. Exit code 1 (runtime)."""
@@ -20,13 +32,18 @@ class ConfigError(ReplicatorError):
 
     def __init__(self, message: str, path: str | None = None, line: int | None = None,
                  field: str | None = None, value: object = None):
-        self.path, self.line, self.field, self.value = path, line, field, value
+        self.message, self.path, self.line, self.field, self.value = message, path, line, field, value
         where = ""
         if path:
             where = f"{path}:{line}: " if line else f"{path}: "
         what = f"{field}: " if field else ""
-        got = f" (got {value!r})" if value is not None else ""
+        got = f" (got {redact(repr(value))})" if value is not None else ""
         super().__init__(f"{where}{what}{message}{got}")
+
+    def within(self, key: str) -> "ConfigError":
+        """The same error one mapping further out: its key joins the dotted field name."""
+        field = f"{key}.{self.field}" if self.field else key
+        return ConfigError(self.message, self.path, self.line, field, self.value)
 
 
 class UnknownCatalog(ConfigError):
@@ -59,7 +76,9 @@ class NotInitialized(ReplicatorError):
 
 
 class AlreadyInitialized(ReplicatorError):
-    """Re-initializing catalogs that already hold data needs --force."""
+    """Re-initializing catalogs that already hold data needs --force. Exit code 2 (usage)."""
+
+    exit_code = 2
 
 
 class PositionLost(ReplicatorError):
@@ -71,6 +90,10 @@ class PositionLost(ReplicatorError):
             f"branch {branch} fell behind the log retained on HQ "
             f"(branch position {position}, HQ keeps changes from xid {horizon}); "
             f"run `replicator init --force` to re-copy its catalogs")
+
+
+class ApplyFailed(ReplicatorError):
+    """The branch refused a chunk (a local constraint, bad data); it was rolled back with its position."""
 
 
 class LockHeld(ReplicatorError):

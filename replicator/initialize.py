@@ -8,6 +8,12 @@ truncates the catalog's tables, copies, and records the copy snapshot; the
 stream then skips exactly the changes the copy already holds.  The HQ
 snapshot is taken *after* the branch position is locked, so it contains
 every change the branch position claims: no gap, no double.
+
+The same branch transaction makes the catalog's tables read-only for local
+users (guard.py), so a copy is never visible unprotected.  An interrupted
+init (Ctrl-C, SIGKILL, a network cut) rolls back the catalog it was copying,
+whose tables keep their old contents; catalogs already committed stay
+initialized, and running init again skips them and copies the rest.
 """
 from __future__ import annotations
 
@@ -19,10 +25,11 @@ from typing import Callable
 import psycopg
 from psycopg import sql
 
-from . import db, state
+from . import db, guard, state
 from .config import BranchConfig
 from .errors import AlreadyInitialized, ConfigError, SchemaMismatch
 from .filters import parse_filter, render
+from .reader import covers
 from .schema import (Table, bind_target, branch_params, check_names, columns_of, offered_catalogs,
                      select_catalogs, source_tables)
 
@@ -57,6 +64,7 @@ class InitReport:
 
 
 Progress = Callable[[str, str, int, int], None]   # (event, table, rows, bytes)
+# events: "start" (rows and bytes are HQ's estimates), "bytes" (bytes so far, rows 0), "done" (exact)
 
 
 def choose(cfg: BranchConfig, offered, named: list[str], include_customers: bool) -> list[str]:
@@ -82,7 +90,7 @@ def initialize(cfg: BranchConfig, named: list[str] | None = None, include_custom
         db.require_version(hq, "hq", "HQ")
         offered = offered_catalogs(hq)
         names = choose(cfg, offered, named or [], include_customers)
-        params = branch_params(hq, cfg.branch)
+        params = branch_params(hq, cfg.branch, cfg)
         tables = source_tables(hq, names)
         _ensure_tables(hq, branch, tables, create_missing)
         bind_target(branch, tables)
@@ -94,6 +102,7 @@ def initialize(cfg: BranchConfig, named: list[str] | None = None, include_custom
             report.copies += copy_catalog(hq, branch, cat_tables, params, progress)
             report.catalogs.append(name)
             log.info("catalog %s initialized", name)
+        _move_past_pruned_log(hq, branch, cfg, offered)
         pos = state.load_position(branch)
         if pos is not None:
             hq.execute("SELECT replication.ack(%s, %s::pg_snapshot, NULL)", (cfg.branch, pos.snapshot))
@@ -114,12 +123,39 @@ def _check_force(cfg, names, tables, states, force, explicit, report) -> list[st
     if force or not done:
         return names
     listed = ", ".join(f"{c} (since {ts:%Y-%m-%d %H:%M})" for c, ts in done.items())
-    if explicit or all(c in done for c in names):
+    # Named or not, a run with new catalogs copies those and skips the rest (reported), so running
+    # the same command again after an interruption finishes the job; only a run that would copy
+    # nothing but initialized catalogs is refused.
+    if all(c in done for c in names):
         raise AlreadyInitialized(f"already initialized: {listed}; a full initialization is meant for the "
                                  "first sync only; pass --force to truncate and copy again")
     report.skipped.update(done)
     log.info("skipping catalogs already initialized (use --force to copy again): %s", listed)
     return [c for c in names if c not in done]
+
+
+def _move_past_pruned_log(hq, branch, cfg: BranchConfig, offered) -> None:
+    """Recover from PositionLost: once every selected table has a copy newer than what HQ
+    pruned, the position moves up to the oldest of those copies (each table still skips
+    what its own copy holds), so the stream resumes without reading across the hole."""
+    pos = state.load_position(branch)
+    horizon = hq.execute("SELECT pruned_below::text FROM replication.horizon").fetchone()[0]
+    behind = "SELECT %s::xid8 > pg_snapshot_xmin(%s::pg_snapshot)"
+    if pos is None or not hq.execute(behind, (horizon, pos.snapshot)).fetchone()[0]:
+        return
+    tables = source_tables(hq, select_catalogs(cfg, offered))
+    states = state.table_states(branch)
+    snaps = {t.catalog: states[t.qualified].copy_snapshot if t.qualified in states else None for t in tables}
+    stale = sorted(c for c, s in snaps.items() if s is None or hq.execute(behind, (horizon, s)).fetchone()[0])
+    oldest = min(set(snaps.values()) - {None}, key=lambda s: int(s.split(":")[1]), default=None)
+    if stale or not all(covers(hq, s, oldest) for s in snaps.values()):
+        log.warning("branch position is still behind the log HQ keeps; also copy %s "
+                    "(replicator init --force %s)", ", ".join(stale), " ".join(stale))
+        return
+    with branch.transaction():
+        locked = state.load_position(branch, lock=True)
+        state.save_position(branch, state.Position(snapshot=oldest, config_version=locked.config_version + 1))
+    log.info("branch position moved to %s, past the log HQ pruned", oldest)
 
 
 def copy_catalog(hq: psycopg.Connection, branch: psycopg.Connection, tables: list[Table], params: dict,
@@ -137,6 +173,7 @@ def copy_catalog(hq: psycopg.Connection, branch: psycopg.Connection, tables: lis
             for t in tables:
                 out.append(_copy_table(hq, branch, t, params, progress))
                 state.mark_copied(branch, t.schema, t.name, t.catalog, snap, out[-1].rows)
+            guard.install(branch, tables)      # read-only from the moment the copy is visible
         if pos is None:
             state.save_position(branch, state.Position(snapshot=snap))
         else:
@@ -154,14 +191,26 @@ def _truncate(branch: psycopg.Connection, tables: list[Table]) -> None:
             branch.execute(sql.SQL("DELETE FROM {}").format(t.ident))
 
 
-def copy_query(t: Table, params: dict) -> sql.Composed:
-    """The HQ side of the copy: only the branch's rows, never excluded columns."""
+def select_query(t: Table, params: dict) -> sql.Composed:
+    """The rows a branch gets from HQ: only its rows, never excluded columns."""
     cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
     where = sql.SQL("")
     if t.filter:
         flt = parse_filter(t.qualified, t.filter, t.hq_columns)
         where = sql.SQL(" WHERE ({}) IS TRUE").format(render(flt, params, sql.Identifier))
-    return sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT (FORMAT binary)").format(cols, t.ident, where)
+    return sql.SQL("SELECT {} FROM {}{}").format(cols, t.ident, where)
+
+
+def copy_query(t: Table, params: dict) -> sql.Composed:
+    """The HQ side of the copy."""
+    return sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(select_query(t, params))
+
+
+def estimate(hq, t: Table, params: dict) -> tuple[int, int]:
+    """HQ planner's (rows, binary COPY bytes) for the copy, from statistics, no scan: for ETAs."""
+    plan = hq.execute(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(select_query(t, params))).fetchone()[0]
+    rows, width = int(plan[0]["Plan"]["Plan Rows"]), int(plan[0]["Plan"]["Plan Width"])
+    return rows, rows * (2 + width + 4 * len(t.columns))   # per row: field count, data, field lengths
 
 
 def _copy_table(hq, branch, t: Table, params: dict, progress: Progress | None) -> TableCopy:
@@ -170,7 +219,7 @@ def _copy_table(hq, branch, t: Table, params: dict, progress: Progress | None) -
     nrows = nbytes = 0
     last_report = start
     if progress:
-        progress("start", t.qualified, 0, 0)
+        progress("start", t.qualified, *estimate(hq, t, params))   # estimated rows, bytes
     with hq.cursor() as src, branch.cursor() as dst:
         with src.copy(copy_query(t, params)) as cin, \
                 dst.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(t.ident, cols)) as cout:

@@ -1,44 +1,175 @@
-"""Progress for long work: a live line per table on a terminal, plain
-periodic log lines otherwise (daemons, CI, pipes)."""
+"""Progress of long copies (`replicator init`, the demo): a bar per table on a
+terminal, plain periodic log lines otherwise (daemons, CI, pipes).
+
+The copy reports through a callback ``progress(event, table, rows, bytes)``
+(see ``initialize.Progress``):
+
+* ``start``: the table begins; rows and bytes are HQ's planner estimates
+  (statistics only, no scan), 0 when HQ has none;
+* ``bytes``: periodically, the bytes copied so far (rows are not counted
+  mid-copy: binary COPY is not parsed, so the copy runs at full speed);
+* ``done``: the exact rows and bytes.
+
+Rows in flight are estimated as ``bytes copied / estimated bytes per row``,
+which is what rows/s and the ETA are computed from; the final line is exact.
+"""
 from __future__ import annotations
 
 import logging
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 log = logging.getLogger(__name__)
 
+LOG_EVERY = 10.0      # seconds between plain progress lines for one table
 
-class _Progress:
-    def __init__(self, tty: bool):
-        self.tty = tty
-        self.started: dict[str, float] = {}
-        self.last_line = 0.0
+
+@dataclass
+class TableProgress:
+    """What is known about one table's copy: HQ's estimates and what arrived so far."""
+
+    table: str
+    est_rows: int = 0
+    est_bytes: int = 0
+    bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_line: float = field(default_factory=time.monotonic)
+
+    @property
+    def seconds(self) -> float:
+        return max(time.monotonic() - self.started, 1e-6)
+
+    @property
+    def rows(self) -> int:
+        """Rows copied so far, estimated from bytes (0 when HQ had no statistics)."""
+        if not self.est_rows or not self.est_bytes:
+            return 0
+        return round(self.bytes * self.est_rows / self.est_bytes)
+
+    @property
+    def total_rows(self) -> int:
+        """The expected total, raised when the estimate turns out low."""
+        return max(self.est_rows, self.rows)
+
+    def eta(self) -> float | None:
+        """Seconds left at the current rate, None when unknown."""
+        if not self.bytes or not self.est_bytes or self.bytes >= self.est_bytes:
+            return None
+        return (self.est_bytes - self.bytes) / (self.bytes / self.seconds)
+
+
+class LogProgress:
+    """Not a terminal: a log line per table every LOG_EVERY seconds and one when it is done."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, TableProgress] = {}
 
     def __call__(self, event: str, table: str, rows: int, nbytes: int) -> None:
-        now = time.monotonic()
         if event == "start":
-            self.started[table] = now
+            self.tables[table] = TableProgress(table, rows, nbytes)
             return
-        secs = max(now - self.started.get(table, now), 1e-6)
+        t = self.tables.setdefault(table, TableProgress(table))
+        t.bytes = nbytes
         if event == "bytes":
-            line = f"  {table}: {nbytes / 1e6:8.1f} MB  {nbytes / 1e6 / secs:6.1f} MB/s"
-            if self.tty:
-                sys.stderr.write("\r" + line)
-                sys.stderr.flush()
-            elif now - self.last_line >= 10:
-                self.last_line = now
-                log.info("copying %s: %.1f MB so far", table, nbytes / 1e6)
-            return
-        line = f"  {table}: {rows} rows, {nbytes / 1e6:.1f} MB in {secs:.1f} s ({rows / secs:,.0f} rows/s)"
-        if self.tty:
-            sys.stderr.write("\r" + line + "\n")
-            sys.stderr.flush()
+            if time.monotonic() - t.last_line >= LOG_EVERY:
+                t.last_line = time.monotonic()
+                self._line(t)
+        elif event == "done":
+            log.info("copied %s: %s rows, %.1f MB in %.1f s (%s rows/s)", table, f"{rows:,}",
+                     nbytes / 1e6, t.seconds, f"{rows / t.seconds:,.0f}")
+
+    @staticmethod
+    def _line(t: TableProgress) -> None:
+        eta = t.eta()
+        if t.est_rows:
+            log.info("copying %s: ~%s of ~%s rows (%.0f%%), ~%s rows/s, %.1f MB, ETA %s", t.table,
+                     f"{t.rows:,}", f"{t.total_rows:,}", 100 * t.rows / t.total_rows,
+                     f"{t.rows / t.seconds:,.0f}", t.bytes / 1e6, _duration(eta))
         else:
-            log.info("copied %s: %d rows, %.1f MB in %.1f s", table, rows, nbytes / 1e6, secs)
+            log.info("copying %s: %.1f MB so far (%.1f MB/s)", t.table, t.bytes / 1e6, t.bytes / 1e6 / t.seconds)
+
+
+class BarProgress:
+    """A terminal: one rich progress bar per table (rows, rows/s, ETA), kept when done."""
+
+    def __init__(self, bars: Progress) -> None:
+        self.bars = bars
+        self.tables: dict[str, tuple[TableProgress, object]] = {}
+
+    def __call__(self, event: str, table: str, rows: int, nbytes: int) -> None:
+        if event == "start":
+            task = self.bars.add_task(table, total=rows or None, mb=0.0)
+            self.tables[table] = (TableProgress(table, rows, nbytes), task)
+            return
+        if table not in self.tables:
+            self("start", table, 0, 0)
+        t, task = self.tables[table]
+        t.bytes = nbytes
+        if event == "bytes":
+            self.bars.update(task, completed=t.rows, total=t.total_rows or None, mb=nbytes / 1e6)
+        elif event == "done":
+            self.bars.update(task, completed=rows, total=rows, mb=nbytes / 1e6)
+            self.bars.stop_task(task)
+
+
+class _RowsColumn(ProgressColumn):
+    """'~1,234/50,000 rows' while copying (estimated), '50,000 rows' when done (exact)."""
+
+    def render(self, task: Task) -> Text:
+        done = int(task.completed)
+        if task.finished:
+            return Text(f"{done:,} rows  {task.fields['mb']:.1f} MB")
+        if task.total:
+            return Text(f"~{done:,}/{int(task.total):,} rows  {task.fields['mb']:.1f} MB")
+        return Text(f"{task.fields['mb']:.1f} MB")
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        if task.finished and task.finished_time:
+            speed = task.completed / max(task.finished_time, 1e-6)
+        else:
+            speed = task.speed
+        return Text(f"{speed:,.0f} rows/s" if speed else "", style="progress.data.speed")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
 
 
 @contextmanager
-def reporter():
-    yield _Progress(sys.stderr.isatty())
+def _logs_above(console: Console) -> Iterator[None]:
+    """Send log lines written to stderr through rich, so they print above the bars
+    instead of tearing them (rich redirects sys.stderr, not handlers that hold it)."""
+    moved = []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.__stderr__, console.file):
+            moved.append((handler, handler.setStream(sys.stderr)))
+    try:
+        yield
+    finally:
+        for handler, stream in moved:
+            handler.setStream(stream)
+
+
+@contextmanager
+def reporter(tty: bool | None = None, console: Console | None = None) -> Iterator:
+    """Yield a progress callback for `initialize`: bars on a terminal, log lines otherwise."""
+    console = console or Console(stderr=True)
+    if not (console.is_terminal if tty is None else tty):
+        yield LogProgress()
+        return
+    bars = Progress(TextColumn("{task.description:<28}"), BarColumn(), _RowsColumn(), _RateColumn(),
+                    TimeRemainingColumn(), console=console)
+    with bars, _logs_above(console):
+        yield BarProgress(bars)

@@ -34,6 +34,7 @@ class Table:
     filter: str | None
     exclude_columns: list[str]
     hq_columns: dict[str, str] = field(default_factory=dict)   # name -> type, excluded removed
+    hq_generated: set[str] = field(default_factory=set)        # GENERATED columns on HQ
     columns: list[str] = field(default_factory=list)           # written on the branch
     referenced: bool = False          # another branch table has an FK to it
     identity_always: bool = False
@@ -71,8 +72,9 @@ def select_catalogs(cfg: BranchConfig, offered: dict[str, Catalog]) -> list[str]
         return [c.name for c in offered.values() if c.default]
     unknown = [c for c in cfg.catalogs if c not in offered]
     if unknown:
-        raise UnknownCatalog(f"unknown catalog {', '.join(unknown)}; HQ offers: {', '.join(offered) or '(none: run replicator hq install)'}",
-                             cfg.path, None, "catalogs")
+        raise UnknownCatalog(f"unknown catalog {', '.join(unknown)} (HQ does not define it); HQ offers: "
+                             f"{', '.join(offered) or '(none: run replicator hq install)'}",
+                             cfg.path, cfg.lines.get("catalogs"), "catalogs")
     return list(cfg.catalogs)
 
 
@@ -96,6 +98,7 @@ def source_tables(hq: psycopg.Connection, catalogs: list[str]) -> list[Table]:
             raise ReplicatorError(f"table {t.qualified} of catalog {t.catalog} is registered but "
                                   "missing on HQ; re-run `replicator hq install`")
         t.hq_columns = {c[0]: c[1] for c in cols if c[0] not in t.exclude_columns}
+        t.hq_generated = {c[0] for c in cols if c[5]}
     return tables
 
 
@@ -115,8 +118,9 @@ def _bind_one(branch: psycopg.Connection, t: Table) -> None:
         if col not in local:
             raise SchemaMismatch(t.qualified, col, "column missing on the branch; add it with the HQ type " + typ)
         if local[col][1] != typ:
-            raise SchemaMismatch(t.qualified, col, f"type is {local[col][1]} on the branch but {typ} on HQ")
-        if local[col][5]:
+            raise SchemaMismatch(t.qualified, col, f"type is {local[col][1]} on the branch but {typ} on HQ; "
+                                 f"change the branch column to {typ}")
+        if local[col][5] and col not in t.hq_generated:
             raise SchemaMismatch(t.qualified, col, "is a generated column on the branch but a plain one on HQ")
     for col, (_, typ, notnull, has_default, _, _) in local.items():
         if col not in t.hq_columns and notnull and not has_default:
@@ -132,22 +136,26 @@ def _bind_one(branch: psycopg.Connection, t: Table) -> None:
     if keys != t.key_columns:
         raise SchemaMismatch(t.qualified, None, f"primary key is ({', '.join(keys or [])}) on the branch "
                              f"but ({', '.join(t.key_columns)}) on HQ")
-    t.columns = [c for c in local if c in t.hq_columns]
+    # Generated on both sides: the branch computes it (it cannot be written).
+    t.columns = [c for c in local if c in t.hq_columns and not (local[c][5] and c in t.hq_generated)]
     t.identity_always = any(local[c][4] == "a" for c in t.columns)
     t.referenced = branch.execute(
         "SELECT EXISTS (SELECT FROM pg_constraint WHERE contype = 'f' AND confrelid = "
         "to_regclass(format('%%I.%%I', %s::text, %s::text)))", (t.schema, t.name)).fetchone()[0]
 
 
-def branch_params(hq: psycopg.Connection, branch: str) -> dict:
-    """The parameters HQ registered for this branch (row filters use them)."""
+def branch_params(hq: psycopg.Connection, branch: str, cfg: BranchConfig | None = None) -> dict:
+    """The parameters HQ registered for this branch (row filters use them).
+
+    With `cfg`, "not registered" points at the `branch:` line of branch.yaml."""
     try:
         row = hq.execute("SELECT params, active FROM replication.branch_info(%s)", (branch,)).fetchone()
     except psycopg.errors.InsufficientPrivilege as e:
         raise ReplicatorError(f"HQ refused to show branch {branch}'s registration: {e.diag.message_primary}") from e
     if row is None:
-        raise ConfigError(f"branch {branch} is not registered on HQ (or not for this login); "
-                          f"run on HQ: replicator hq add-branch -c hq.yaml {branch}")
+        message = (f"branch {branch} is not registered on HQ (or not for this login); fix the name here "
+                   f"or run on HQ: replicator hq add-branch -c hq.yaml {branch}")
+        raise cfg.error("branch", message) if cfg is not None else ConfigError(message)
     if not row[1]:
         raise ReplicatorError(f"branch {branch} is deactivated on HQ")
     return dict(row[0])

@@ -100,7 +100,8 @@ def replicator_cli(*args: str, timeout: float = 120, env: dict | None = None,
 
 def table_rows(db: Database, table: str, columns: str = "*", where: str = "true") -> list[str]:
     """Every row in its text form, sorted: an exact comparison across clusters."""
-    rows = db.execute(f"SELECT t::text FROM (SELECT {columns} FROM {table} WHERE {where}) t ORDER BY 1")
+    # (t.*): the whole row even when the table has a column named t
+    rows = db.execute(f"SELECT (t.*)::text FROM (SELECT {columns} FROM {table} WHERE {where}) t ORDER BY 1")
     return [r[0] for r in rows or []]
 
 

@@ -135,12 +135,24 @@ DECLARE
     tid      int;
     fn       text;
     same_key text;
-    new_img  text := 'pg_catalog.to_jsonb(n)';
-    old_img  text := 'pg_catalog.to_jsonb(o)';
+    -- n.* / o.*: whole-row references even when the table has a column named n or o
+    new_img  text := 'pg_catalog.to_jsonb(n.*)';
+    old_img  text := 'pg_catalog.to_jsonb(o.*)';
     upd_old  text := 'NULL';
     body     text;
     sig      text;
     missing  text;
+    readable text;           -- columns a branch may SELECT when some are excluded
+    exact    text[];         -- columns whose to_jsonb() form is not exact: they travel as text
+    new_txt  text;
+    old_txt  text;
+    -- The row images must not depend on the writing session: floats with all their
+    -- digits (extra_float_digits = 0 would round them), ranges and composites with ISO
+    -- dates, intervals in the postgres style, and timestamptz keys in one zone, so that
+    -- the same key always has the same text.
+    settings text := 'SET search_path = pg_catalog, pg_temp SET TimeZone = ''UTC'' '
+                     'SET DateStyle = ''ISO, MDY'' SET IntervalStyle = ''postgres'' '
+                     'SET extra_float_digits = 3 SET bytea_output = ''hex''';
 BEGIN
     IF rel IS NULL THEN
         RAISE EXCEPTION 'table %.% does not exist on HQ', p_schema, p_table
@@ -177,8 +189,31 @@ BEGIN
     fn := format('replication.%I', 'capture_' || tid);
     SELECT string_agg(format('o.%1$I = n.%1$I', k), ' AND ') INTO same_key FROM unnest(keys) AS k;
     IF cardinality(p_exclude) > 0 THEN
-        new_img := format('(pg_catalog.to_jsonb(n) OPERATOR(pg_catalog.-) %L::text[])', p_exclude);
-        old_img := format('(pg_catalog.to_jsonb(o) OPERATOR(pg_catalog.-) %L::text[])', p_exclude);
+        new_img := format('(pg_catalog.to_jsonb(n.*) OPERATOR(pg_catalog.-) %L::text[])', p_exclude);
+        old_img := format('(pg_catalog.to_jsonb(o.*) OPERATOR(pg_catalog.-) %L::text[])', p_exclude);
+    END IF;
+    -- to_jsonb() loses the text of json (key order, spacing, duplicate keys), turns a
+    -- json(b) null into SQL NULL, -0 into 0, and drops array bounds; composites nest all
+    -- of these.  Such columns travel as their text form and the branch reads them back
+    -- with the type's input function, as COPY would (apply.py).  The columns are named in
+    -- the trigger: after DROP or RENAME of one, re-run `replicator hq install`.
+    SELECT array_agg(a.attname::text ORDER BY a.attnum) INTO exact
+      FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname <> ALL (coalesce(p_exclude, '{}'))
+       AND (a.atttypid IN ('pg_catalog.json'::regtype, 'pg_catalog.jsonb'::regtype,
+                           'pg_catalog.float4'::regtype, 'pg_catalog.float8'::regtype)
+            OR ty.typcategory = 'A' OR ty.typtype = 'c');
+    IF exact IS NOT NULL THEN
+        -- jsonb_build_object takes at most 100 arguments: 50 columns per call
+        SELECT string_agg(format('pg_catalog.jsonb_build_object(%s)', pn), ' OPERATOR(pg_catalog.||) '),
+               string_agg(format('pg_catalog.jsonb_build_object(%s)', po), ' OPERATOR(pg_catalog.||) ')
+          INTO new_txt, old_txt
+          FROM (SELECT string_agg(format('%L, n.%I::pg_catalog.text', c, c), ', ' ORDER BY i) AS pn,
+                       string_agg(format('%L, o.%I::pg_catalog.text', c, c), ', ' ORDER BY i) AS po
+                  FROM unnest(exact) WITH ORDINALITY AS u(c, i) GROUP BY (i - 1) / 50) g;
+        new_img := format('(%s OPERATOR(pg_catalog.||) %s)', new_img, new_txt);
+        old_img := format('(%s OPERATOR(pg_catalog.||) %s)', old_img, old_txt);
     END IF;
     IF p_filter IS NOT NULL THEN
         upd_old := old_img;   -- lets a branch see a row leave its filter
@@ -196,7 +231,7 @@ BEGIN
          WHERE NOT EXISTS (SELECT FROM new_rows n WHERE %4$s);
         INSERT INTO replication.change_log (table_id, op, row, old_row)
         SELECT %1$s, 'U', %2$s, %5$s FROM new_rows n LEFT JOIN old_rows o ON %4$s
-         WHERE o IS NULL OR NOT (o OPERATOR(pg_catalog.*=) n);
+         WHERE o.* IS NULL OR NOT (o.* OPERATOR(pg_catalog.*=) n.*);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO replication.change_log (table_id, op, row)
         SELECT %1$s, 'D', %3$s FROM old_rows o;
@@ -207,14 +242,18 @@ BEGIN
     RETURN NULL;
 END$f$, tid, new_img, old_img, same_key, upd_old);
 
-    sig := md5(body || rel::text);
+    IF cardinality(p_exclude) > 0 THEN
+        SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) INTO readable FROM pg_attribute
+         WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attname <> ALL (p_exclude);
+    END IF;
+    sig := md5(body || rel::text || coalesce(readable, '') || settings);
     IF sig IS NOT DISTINCT FROM (SELECT signature FROM replication.tables WHERE id = tid)
        AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = rel AND tgname LIKE 'replicator_capture_%') = 4 THEN
         RETURN tid;
     END IF;
 
     EXECUTE format('CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
-                   'SET search_path = pg_catalog, pg_temp AS %L', fn, body);
+                   '%s AS %L', fn, settings, body);
     EXECUTE format('COMMENT ON FUNCTION %s() IS %L', fn, 'replicator: capture for ' || rel::text);
     EXECUTE format('DROP TRIGGER IF EXISTS replicator_capture_ins ON %s', rel);
     EXECUTE format('DROP TRIGGER IF EXISTS replicator_capture_upd ON %s', rel);
@@ -228,7 +267,13 @@ END$f$, tid, new_img, old_img, same_key, upd_old);
                    'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', rel, fn);
     EXECUTE format('CREATE TRIGGER replicator_capture_trunc AFTER TRUNCATE ON %s '
                    'FOR EACH STATEMENT EXECUTE FUNCTION %s()', rel, fn);
-    EXECUTE format('GRANT SELECT ON %s TO replicator_branch', rel);
+    IF readable IS NULL THEN
+        EXECUTE format('GRANT SELECT ON %s TO replicator_branch', rel);
+    ELSE
+        -- Excluded columns never leave HQ: a branch login cannot even SELECT them.
+        EXECUTE format('REVOKE SELECT ON %s FROM replicator_branch', rel);
+        EXECUTE format('GRANT SELECT (%s) ON %s TO replicator_branch', readable, rel);
+    END IF;
     UPDATE replication.tables SET signature = sig WHERE id = tid;
     RETURN tid;
 END $$;

@@ -1,0 +1,1141 @@
+"""Benchmarks against PostgreSQL's own logical replication, a raw COPY pipe and no capture.
+
+Every figure is a ratio against a baseline measured in the same run, on the same
+machine, between the same throwaway clusters, because shared machines are noisy
+and only ratios travel.  Run::
+
+    python -m replicator.bench                 # the full suite (about half an hour on 2 cores)
+    python -m replicator.bench --quick         # a smoke run at tiny sizes (CI)
+    python -m replicator.bench --only catchup --runs 5 --markdown perf.md
+
+Benchmarks (``--only`` names):
+
+* ``catchup``: N mixed changes (40% insert, 50% update, 10% delete, ~1,000 rows per
+  transaction) queued on HQ while the branch is stopped, then ``replicator run --once``
+  (the real CLI, timed end to end, peak RSS from ``wait4``).  Baseline: a native
+  subscription disabled during the same workload, then enabled and timed until the
+  last transaction is visible on the subscriber (it applies in commit order).
+* ``init``: ``replicator init`` of a 1,000,000-row table vs ``COPY ... TO STDOUT`` piped
+  into ``COPY ... FROM STDIN`` with psycopg (binary and text; the faster one counts).
+* ``capture``: pgbench single-row UPDATEs, 2 clients, with the capture triggers
+  enabled vs disabled on the same table; one bulk UPDATE of every row likewise.
+* ``latency``: commit on HQ to visible on the branch at 50 single-row commits/s
+  with ``replicator run`` running, vs a native subscription.
+* ``fanout``: K ``replicator run`` daemons against one HQ at 500 changes/s: each
+  branch's lag p99, HQ CPU per branch; and the window query's plan and time with a
+  small and a big change log (``EXPLAIN (ANALYZE, FORMAT JSON)`` of ``LogReader.query``).
+
+The command exits 0 when every benchmark ran (whether or not targets are met; use
+``--strict`` to fail on a missed target) and 1 when a benchmark could not run.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+import yaml
+from psycopg import sql
+
+from . import config
+from .capture import install
+from .cluster import Cluster, Database, find_bindir
+from .hq import add_branch
+from .initialize import initialize
+from .reader import LogReader, current_snapshot
+from .schema import source_tables
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = ("catchup", "init", "capture", "latency", "fanout")
+
+# Same settings for every cluster, so ours and the baselines see the same server.
+# A large max_wal_size keeps checkpoints out of the timed parts of 1M-row runs.  The
+# launcher waits wal_retrieve_retry_interval (default 5 s) before restarting a
+# subscription's worker; lowered so native catch-up is timed from ENABLE, not from a timer.
+SETTINGS = {"max_wal_size": "8GB", "checkpoint_timeout": "30min", "max_connections": 300,
+            "max_replication_slots": 20, "max_wal_senders": 20, "autovacuum_naptime": "10s",
+            "wal_retrieve_retry_interval": "100ms"}
+
+SCHEMA = """
+CREATE TABLE items (
+    id         bigint PRIMARY KEY,
+    sku        text NOT NULL,
+    name       text NOT NULL,
+    price      numeric(12,2) NOT NULL,
+    updated_at timestamptz NOT NULL,
+    active     boolean NOT NULL
+)"""
+# Deterministic row g: the same on every cluster, so the native baseline starts equal.
+ROW_EXPR = """g, 'SKU-' || lpad(g::text, 10, '0'), 'Artículo ' || g || ' ' || md5(g::text),
+       round((g %% 100000) / 100.0 + 1, 2), timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second',
+       g %% 7 <> 0"""   # written for parameterized queries: %% is the modulo operator
+FILL = "INSERT INTO items SELECT " + ROW_EXPR + " FROM generate_series(%s::bigint, %s::bigint) g"
+CATALOGS = {"items": {"label": "Artículos", "default": True, "tables": ["public.items"]}}
+CHECKSUM = "SELECT count(*), coalesce(sum(hashtext(t::text)::bigint), 0) FROM items t"
+
+
+# ============================================================== sizes
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each benchmark is; --quick shrinks everything to a smoke run."""
+    catchup_txns: int          # transactions of 1,000 changes each
+    init_rows: int
+    capture_rows: int
+    pgbench_seconds: int
+    latency_seconds: float
+    latency_rate: int          # single-row commits per second
+    fanout_branches: int
+    fanout_seconds: float
+    fanout_rate: int           # changes per second
+    fanout_rows_per_txn: int
+    log_small: int
+    log_big: int
+
+
+FULL = Sizes(catchup_txns=1000, init_rows=1_000_000, capture_rows=1_000_000, pgbench_seconds=20,
+             latency_seconds=20, latency_rate=50, fanout_branches=50, fanout_seconds=120,
+             fanout_rate=500, fanout_rows_per_txn=5, log_small=1_000, log_big=10_000_000)
+QUICK = Sizes(catchup_txns=10, init_rows=20_000, capture_rows=20_000, pgbench_seconds=3,
+              latency_seconds=3, latency_rate=50, fanout_branches=3, fanout_seconds=10,
+              fanout_rate=500, fanout_rows_per_txn=5, log_small=1_000, log_big=100_000)
+
+
+# ============================================================== results
+
+@dataclass
+class Result:
+    """One line of the table.  `higher` says which way is better for the ratio."""
+    bench: str
+    metric: str
+    ours: float | None
+    base: float | None = None
+    unit: str = ""
+    target: str = ""
+    ok: bool | None = None
+    ratio: float | None = None
+    note: str = ""
+
+
+def ratio_result(bench: str, metric: str, ours: float, base: float, unit: str, limit: float,
+                 higher_is_better: bool, note: str = "") -> Result:
+    """A figure judged by ours/base: at least `limit`x (rates) or at most `limit`x (times)."""
+    ratio = ours / base if base else float("inf")
+    ok = ratio >= limit if higher_is_better else ratio <= limit
+    target = f"≥ {limit:g}×" if higher_is_better else f"≤ {limit:g}×"
+    return Result(bench, metric, ours, base, unit, target, ok, ratio, note)
+
+
+def limit_result(bench: str, metric: str, ours: float, limit: float, unit: str,
+                 base: float | None = None, note: str = "", strict_below: bool = False) -> Result:
+    """A figure judged against an absolute ceiling (latency, memory, lag)."""
+    ok = ours < limit if strict_below else ours <= limit
+    target = f"{'<' if strict_below else '≤'} {limit:g} {unit}"
+    ratio = ours / base if base else None
+    return Result(bench, metric, ours, base, unit, target, ok, ratio, note)
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.2f}"
+    return f"{text} {unit}".strip()
+
+
+def _cells(r: Result) -> list[str]:
+    verdict = "—" if r.ok is None else ("pass" if r.ok else "FAIL")
+    ratio = "—" if r.ratio is None else f"{r.ratio:.2f}×"
+    return [f"{r.bench}: {r.metric}", _fmt(r.ours, r.unit), _fmt(r.base, r.unit), ratio,
+            r.target or "—", verdict, r.note]
+
+
+HEADER = ["benchmark", "ours", "baseline", "ratio", "target", "result", "notes"]
+
+
+def text_table(results: list[Result]) -> str:
+    rows = [HEADER] + [_cells(r) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER) - 1)]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 5)
+    return "\n".join(lines)
+
+
+def markdown_table(results: list[Result], machine: str, command: str) -> str:
+    out = [f"{machine}", "", f"Command: `{command}`", "",
+           "| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    for r in results:
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |")
+    return "\n".join(out) + "\n"
+
+
+def machine_line() -> str:
+    """Cores, CPU, memory, PostgreSQL and Python versions, date: what a reader needs to compare."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        mem_text = f", {mem:.0f} GiB RAM"
+    except (ValueError, OSError):
+        mem_text = ""
+    pg = subprocess.run([str(find_bindir() / "postgres"), "--version"], capture_output=True,
+                        text=True).stdout.strip()
+    return (f"{datetime.now():%Y-%m-%d %H:%M}: {os.cpu_count()} cores ({cpu}){mem_text}; {pg}; "
+            f"Python {platform.python_version()}")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100); no interpolation, so p99 is a real sample."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))
+    return ordered[k]
+
+
+def say(message: str, *args) -> None:
+    log.info(message, *args)
+
+
+# ============================================================== processes
+
+@dataclass
+class Finished:
+    seconds: float
+    returncode: int
+    peak_rss_mb: float
+    cpu_seconds: float
+    stdout: str
+    stderr: str
+
+
+def replicator_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "replicator", *args]
+
+
+def start(cmd: list[str], logdir: Path, name: str) -> subprocess.Popen:
+    """Start a process with output in files (no pipe to drain, so nothing can block)."""
+    out = open(logdir / f"{name}.out", "w+")
+    err = open(logdir / f"{name}.err", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    proc._bench_files = (out, err)  # type: ignore[attr-defined]
+    proc._bench_started = time.perf_counter()  # type: ignore[attr-defined]
+    return proc
+
+
+def reap(proc: subprocess.Popen, timeout: float | None = None) -> Finished:
+    """Wait for `proc` with wait4: its own peak RSS and CPU, not every child's maximum."""
+    timer = threading.Timer(timeout, proc.kill) if timeout else None
+    if timer:
+        timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        if timer:
+            timer.cancel()
+    ended = time.perf_counter()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out, err = proc._bench_files  # type: ignore[attr-defined]
+    texts = []
+    for f in (out, err):
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    return Finished(ended - proc._bench_started, proc.returncode,  # type: ignore[attr-defined]
+                    usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, *texts)
+
+
+def run_timed(cmd: list[str], logdir: Path, name: str, timeout: float) -> Finished:
+    done = reap(start(cmd, logdir, name), timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[2:])} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return done
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> Finished:
+    """SIGTERM (the daemon finishes its transaction and exits 0), then reap."""
+    if proc.returncode is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    return reap(proc, timeout)
+
+
+def process_cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of live processes (a daemon's work, without what it used before)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_cpu_seconds(cluster: Cluster) -> float:
+    """CPU used so far by a cluster: postmaster (with reaped children) plus live backends."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pm = int((cluster.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == pm:
+            total += sum(int(x) for x in fields[11:15])   # utime stime cutime cstime
+        elif ppid == pm:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+# ============================================================== setup helpers
+
+class Env:
+    """The clusters, a work directory, and fresh databases on demand."""
+
+    def __init__(self, workdir: Path, sizes: Sizes, runs: int):
+        self.workdir = workdir
+        self.sizes = sizes
+        self.runs = runs
+        self.hq = Cluster("bench-hq", settings=SETTINGS)
+        self.branch = Cluster("bench-branch", settings=SETTINGS)
+        self.branch2 = Cluster("bench-branch2", settings=SETTINGS)
+        self._started: list[Cluster] = []
+
+    def cluster(self, which: str) -> Cluster:
+        c = getattr(self, which)
+        if not c.is_running():
+            c.start()
+            self._started.append(c)
+        return c
+
+    def fresh(self, which: str, name: str) -> Database:
+        c = self.cluster(which)
+        c.drop_database(name)
+        return c.create_database(name)
+
+    def close(self) -> None:
+        for c in self._started:
+            c.cleanup()
+
+    def cpu(self) -> dict[str, float]:
+        """CPU-seconds used so far by each running cluster (HQ and branch sides of a run)."""
+        return {c.name: cluster_cpu_seconds(c) for c in self._started if c.is_running()}
+
+    def cpu_since(self, before: dict[str, float]) -> tuple[float, str]:
+        """(total CPU-seconds of the clusters since `before`, a per-cluster breakdown)."""
+        now = self.cpu()
+        used = {name.removeprefix("bench-"): now[name] - before.get(name, 0) for name in now}
+        text = ", ".join(f"{name} {secs:.1f} s" for name, secs in used.items() if secs >= 0.05)
+        return sum(used.values()), text
+
+    def checkpoint(self) -> None:
+        """Flush dirty buffers on every cluster so no checkpoint lands in a timed part."""
+        for c in self._started:
+            c.database("postgres").execute("CHECKPOINT")
+
+
+@dataclass
+class Pair:
+    """An HQ database with capture and one registered, initialized branch."""
+    hq: Database
+    branch: Database
+    hq_yaml: Path
+    branch_yaml: Path
+
+
+def write_hq_yaml(path: Path, hq: Database) -> config.HQConfig:
+    path.write_text(yaml.safe_dump({"dsn": hq.dsn, "retention": "7d", "catalogs": CATALOGS},
+                                   sort_keys=False, allow_unicode=True))
+    return config.load_hq(path)
+
+
+def capture_db(env: Env, name: str, rows: int) -> tuple[Database, Path]:
+    """HQ database `name` with `rows` items (loaded before capture, so not logged) and capture."""
+    hq = env.fresh("hq", name)
+    hq.execute(SCHEMA)
+    fill(hq, 1, rows)
+    path = env.workdir / f"{name}.hq.yaml"
+    cfg = write_hq_yaml(path, hq)
+    with hq.connect() as conn:
+        install(conn, cfg)
+    return hq, path
+
+
+def register_branch(hq: Database, hq_yaml: Path, name: str, branch: Database, workdir: Path,
+                    init: bool = True) -> Path:
+    """Register `name` on HQ, write its branch.yaml (superuser DSNs), optionally init it."""
+    cfg = config.load_hq(hq_yaml)
+    with hq.connect() as conn:
+        add_branch(conn, cfg, name, {}, password=None)
+    path = workdir / f"{name}.branch.yaml"
+    path.write_text(yaml.safe_dump({"branch": name, "source": {"dsn": hq.dsn},
+                                    "target": {"dsn": branch.dsn}}, sort_keys=False))
+    if init:
+        initialize(config.load_branch(path))
+    return path
+
+
+def make_pair(env: Env, name: str, base_rows: int, branch_cluster: str = "branch") -> Pair:
+    hq, hq_yaml = capture_db(env, f"{name}_hq", base_rows)
+    br = env.fresh(branch_cluster, f"{name}_br")
+    br.execute(SCHEMA)
+    path = register_branch(hq, hq_yaml, name.replace("_", "-"), br, env.workdir)
+    return Pair(hq, br, hq_yaml, path)
+
+
+def fill(db: Database, lo: int, hi: int) -> None:
+    if hi >= lo:
+        db.execute(FILL, (lo, hi))
+        db.execute("VACUUM ANALYZE items")
+
+
+def checksum(db: Database) -> tuple[int, int]:
+    return tuple(db.execute(CHECKSUM)[0])
+
+
+@dataclass
+class Native:
+    """A publication on `src` and a subscription on `dst` (copy_data = false)."""
+    src: Database
+    dst: Database
+    sub: str
+
+    def create(self) -> None:
+        self.src.execute("CREATE PUBLICATION bench_pub FOR TABLE items")
+        self.dst.execute(sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION bench_pub "
+                                 "WITH (copy_data = false)").format(
+            sql.Identifier(self.sub), sql.Literal(self.src.dsn)))
+
+    def worker_running(self) -> bool:
+        return bool(self.dst.scalar("SELECT count(*) FROM pg_stat_subscription WHERE subname = %s "
+                                    "AND pid IS NOT NULL", (self.sub,)))
+
+    def slot_active(self) -> bool:
+        return bool(self.src.scalar("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                                    (self.sub,)))
+
+    def disable(self) -> None:
+        self.dst.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(sql.Identifier(self.sub)))
+        wait_for(lambda: not self.worker_running() and not self.slot_active(), 30,
+                 "native subscription to stop")
+
+    def enable(self) -> None:
+        self.dst.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(self.sub)))
+
+    def drop(self) -> None:
+        self.dst.execute(sql.SQL("DROP SUBSCRIPTION IF EXISTS {}").format(sql.Identifier(self.sub)))
+
+
+def make_native(env: Env, name: str, base_rows: int) -> Native:
+    src = env.fresh("hq", f"{name}_src")
+    dst = env.fresh("branch", f"{name}_dst")
+    for db in (src, dst):
+        db.execute(SCHEMA)
+        fill(db, 1, base_rows)
+    native = Native(src, dst, f"{name}_sub")
+    native.create()
+    return native
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, every: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+# ============================================================== catch-up
+
+@dataclass(frozen=True)
+class Mixed:
+    """The mixed workload: per transaction 400 inserts, 500 updates, 100 deletes.
+
+    Deletes eat the first ids of the base rows in order; updates touch a disjoint
+    region of base rows, 500 distinct ids per transaction; inserts add new ids.
+    Deterministic, so the native baseline ends with byte-identical tables.
+    """
+    txns: int
+    inserts: int = 400
+    updates: int = 500
+    deletes: int = 100
+
+    @property
+    def delete_region(self) -> int:
+        return self.txns * self.deletes
+
+    @property
+    def update_span(self) -> int:
+        span = max(10 * self.delete_region, 10_000) + 3
+        while span % 199 == 0:   # 199 strides must not repeat an id inside one transaction
+            span += 1
+        return span
+
+    @property
+    def base_rows(self) -> int:
+        return self.delete_region + self.update_span
+
+    @property
+    def changes(self) -> int:
+        return self.txns * (self.inserts + self.updates + self.deletes)
+
+    @property
+    def last_id(self) -> int:
+        return self.base_rows + self.txns * self.inserts
+
+    @property
+    def final_rows(self) -> int:
+        return self.base_rows + self.txns * (self.inserts - self.deletes)
+
+    def run(self, db: Database) -> float:
+        """Write the workload, one transaction at a time; return seconds."""
+        insert = "INSERT INTO items SELECT " + ROW_EXPR + " FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g"
+        update = ("UPDATE items SET price = price + 1, updated_at = updated_at + interval '1 second', "
+                  "active = NOT active WHERE id IN (SELECT %(base)s + (%(off)s + g * 199) %% %(span)s "
+                  "FROM generate_series(0, %(n)s - 1) g)")
+        delete = "DELETE FROM items WHERE id BETWEEN %(lo)s AND %(hi)s"
+        started = time.perf_counter()
+        with db.connect(autocommit=False) as conn:
+            for t in range(self.txns):
+                lo = self.base_rows + t * self.inserts + 1
+                conn.execute(insert, {"lo": lo, "hi": lo + self.inserts - 1})
+                conn.execute(update, {"base": self.delete_region + 1, "off": t * self.updates,
+                                      "span": self.update_span, "n": self.updates})
+                conn.execute(delete, {"lo": t * self.deletes + 1, "hi": (t + 1) * self.deletes})
+                conn.commit()
+        return time.perf_counter() - started
+
+
+def catchup_ours(env: Env, work: Mixed, run: int) -> tuple[float, Finished, float]:
+    """(changes/s, the finished `run --once`, CPU-seconds of replicator + both clusters)."""
+    pair = make_pair(env, f"catchup{run}", work.base_rows)
+    say("catch-up run %d: writing %d changes on HQ (branch stopped)", run, work.changes)
+    secs = work.run(pair.hq)
+    say("  workload written in %.1f s; replicator run --once ...", secs)
+    env.checkpoint()
+    cpu = env.cpu()
+    done = run_timed(replicator_cmd("-q", "run", "--once", "-c", str(pair.branch_yaml)),
+                     env.workdir, f"catchup{run}", timeout=3600)
+    cpu_total, cpu_text = env.cpu_since(cpu)
+    say("  CPU: replicator %.1f s, %s", done.cpu_seconds, cpu_text)
+    check_equal(pair.hq, pair.branch, work.final_rows, "catch-up")
+    env.hq.drop_database(pair.hq.name)
+    env.branch.drop_database(pair.branch.name)
+    return work.changes / done.seconds, done, cpu_total + done.cpu_seconds
+
+
+def catchup_native(env: Env, work: Mixed, run: int) -> tuple[float, float]:
+    """(changes/s, CPU-seconds of both clusters) for the native subscription's catch-up."""
+    native = make_native(env, f"ncatchup{run}", work.base_rows)
+    try:
+        native.disable()
+        say("catch-up run %d (native): writing %d changes on the publisher", run, work.changes)
+        work.run(native.src)
+        env.checkpoint()
+        with native.dst.connect() as conn:
+            probe = "SELECT EXISTS (SELECT FROM items WHERE id = %s)"
+            cpu = env.cpu()
+            started = time.perf_counter()
+            native.enable()
+            while not conn.execute(probe, (work.last_id,)).fetchone()[0]:
+                if time.perf_counter() - started > 3600:
+                    raise RuntimeError("native catch-up did not finish within an hour")
+                time.sleep(0.005)
+            seconds = time.perf_counter() - started
+        cpu_total, cpu_text = env.cpu_since(cpu)
+        say("  native CPU: %s", cpu_text)
+        check_equal(native.src, native.dst, work.final_rows, "native catch-up")
+        return work.changes / seconds, cpu_total
+    finally:
+        native.drop()
+        env.hq.drop_database(native.src.name)
+        env.branch.drop_database(native.dst.name)
+
+
+def check_equal(a: Database, b: Database, rows: int, what: str) -> None:
+    ca, cb = checksum(a), checksum(b)
+    if ca != cb or ca[0] != rows:
+        raise RuntimeError(f"{what}: tables differ after the run (source {ca}, target {cb}, "
+                           f"expected {rows} rows)")
+
+
+def bench_catchup(env: Env) -> list[Result]:
+    work = Mixed(env.sizes.catchup_txns)
+    ours, native, rss, cpu_ours, cpu_native = [], [], [], [], []
+    for run in range(env.runs):
+        rate, done, cpu = catchup_ours(env, work, run)
+        ours.append(rate)
+        rss.append(done.peak_rss_mb)
+        cpu_ours.append(cpu)
+        say("  ours: %.0f changes/s (%.1f s, peak RSS %.0f MB)", rate, work.changes / rate, done.peak_rss_mb)
+        rate, cpu = catchup_native(env, work, run)
+        native.append(rate)
+        cpu_native.append(cpu)
+        say("  native: %.0f changes/s", rate)
+    note = (f"{work.changes:,} changes, median of {env.runs}; baseline: native logical replication; "
+            f"CPU-seconds (all processes): ours {median(cpu_ours):.1f}, native {median(cpu_native):.1f}")
+    return [ratio_result("catch-up apply", "rate", median(ours), median(native), "changes/s", 1.0, True,
+                         note),
+            limit_result("memory", "peak RSS during catch-up", max(rss), 150, "MB",
+                         note=f"`replicator run --once` over {work.changes:,} changes (max of runs)")]
+
+
+# ============================================================== initial copy
+
+def copy_pipe(src: Database, dst: Database, binary: bool) -> float:
+    """The raw baseline: COPY TO STDOUT streamed into COPY FROM STDIN, in one target transaction."""
+    fmt = " (FORMAT binary)" if binary else ""
+    cols = "id, sku, name, price, updated_at, active"
+    started = time.perf_counter()
+    with src.connect() as s, dst.connect(autocommit=False) as d:
+        d.execute("TRUNCATE items")
+        with s.cursor().copy(f"COPY (SELECT {cols} FROM items) TO STDOUT{fmt}") as cin, \
+                d.cursor().copy(f"COPY items ({cols}) FROM STDIN{fmt}") as cout:
+            for data in cin:
+                cout.write(data)
+        d.commit()
+    return time.perf_counter() - started
+
+
+def bench_init(env: Env) -> list[Result]:
+    rows = env.sizes.init_rows
+    say("initial copy: loading %d rows on HQ", rows)
+    hq, hq_yaml = capture_db(env, "init_hq", rows)
+    br = env.fresh("branch", "init_br")
+    raw = env.fresh("branch", "init_raw")     # the pipe's target: a plain table, no branch guard
+    for db in (br, raw):
+        db.execute(SCHEMA)
+    path = register_branch(hq, hq_yaml, "init-bench", br, env.workdir, init=False)
+    ours, base, rss, library, formats = [], [], [], [], {"binary": [], "text": []}
+    try:
+        for run in range(env.runs):
+            env.checkpoint()
+            done = run_timed(replicator_cmd("init", "--force", "-c", str(path)), env.workdir,
+                             f"init{run}", timeout=3600)
+            check_equal(hq, br, rows, "init")
+            copied = re.search(r" in ([0-9.]+) s", done.stdout)
+            library.append(float(copied.group(1)) if copied else float("nan"))
+            ours.append(done.seconds)
+            rss.append(done.peak_rss_mb)
+            timings = {}
+            for binary in (True, False):
+                env.checkpoint()
+                timings["binary" if binary else "text"] = copy_pipe(hq, raw, binary)
+            check_equal(hq, raw, rows, "COPY pipe")
+            base.append(min(timings.values()))
+            for name, secs in timings.items():
+                formats[name].append(secs)
+            say("  run %d: init %.2f s (its own report: %.2f s; RSS %.0f MB); COPY pipe binary %.2f s, "
+                "text %.2f s", run, done.seconds, library[-1], done.peak_rss_mb, timings["binary"],
+                timings["text"])
+    finally:
+        env.hq.drop_database(hq.name)
+        env.branch.drop_database(br.name)
+        env.branch.drop_database(raw.name)
+    note = (f"{rows:,} rows; `replicator init` end to end ({median(library):.2f} s inside, by its own "
+            f"report) vs the faster in-process psycopg pipe (binary {median(formats['binary']):.2f} s, "
+            f"text {median(formats['text']):.2f} s)")
+    return [ratio_result("initial copy", "rate", rows / median(ours), rows / median(base), "rows/s",
+                         0.9, True, note),
+            limit_result("memory", "peak RSS of init", max(rss), 200, "MB", note="`replicator init` (max of runs)")]
+
+
+# ============================================================== capture overhead
+
+PGBENCH_SCRIPT = "\\set id random(1, :n)\nUPDATE items SET price = price + 1 WHERE id = :id;\n"
+
+
+def pgbench_tps(db: Database, script: Path, rows: int, seconds: int) -> float:
+    c = db.cluster
+    cmd = [str(find_bindir() / "pgbench"), "-n", "-M", "prepared", "-c", "2", "-j", "2", "-T", str(seconds),
+           "-f", str(script), "-D", f"n={rows}", "-h", c.host, "-p", str(c.port), "-U", c.superuser, db.name]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {done.stderr.strip()[-1000:]}")
+    for line in done.stdout.splitlines():
+        if line.startswith("tps = "):
+            return float(line.split()[2])
+    raise RuntimeError(f"no tps in pgbench output: {done.stdout[-500:]}")
+
+
+def set_capture(db: Database, on: bool) -> None:
+    db.execute(f"ALTER TABLE items {'ENABLE' if on else 'DISABLE'} TRIGGER USER")
+
+
+def bulk_update(db: Database) -> float:
+    started = time.perf_counter()
+    db.execute("UPDATE items SET price = price + 1")
+    seconds = time.perf_counter() - started
+    db.execute("VACUUM items")
+    db.execute("TRUNCATE replication.change_log")
+    return seconds
+
+
+def bench_capture(env: Env) -> list[Result]:
+    rows, secs = env.sizes.capture_rows, env.sizes.pgbench_seconds
+    say("capture overhead: %d-row table", rows)
+    hq, _ = capture_db(env, "capture_hq", rows)
+    script = env.workdir / "update.sql"
+    script.write_text(PGBENCH_SCRIPT)
+    tps = {True: [], False: []}
+    bulk = {True: [], False: []}
+    try:
+        set_capture(hq, False)
+        bulk_update(hq)                          # warm-up: the table reaches its steady size
+        for run in range(env.runs):
+            for on in ((False, True) if run % 2 == 0 else (True, False)):   # alternate order
+                set_capture(hq, on)
+                env.checkpoint()
+                tps[on].append(pgbench_tps(hq, script, rows, secs))
+                env.checkpoint()
+                bulk[on].append(bulk_update(hq))
+                say("  run %d capture %s: %.0f TPS, bulk UPDATE %.2f s", run, "on" if on else "off",
+                    tps[on][-1], bulk[on][-1])
+    finally:
+        env.hq.drop_database(hq.name)
+    note = f"pgbench -M prepared, 2 clients, {secs} s, {rows:,} rows; triggers on vs off"
+    return [ratio_result("capture on HQ", "pgbench single-row UPDATE", median(tps[True]),
+                         median(tps[False]), "TPS", 0.75, True, note),
+            ratio_result("capture on HQ", f"bulk UPDATE of {rows:,} rows", median(bulk[True]),
+                         median(bulk[False]), "s", 2.0, False, "one statement; capture on vs off")]
+
+
+# ============================================================== latency
+
+class Prober:
+    """A writer committing single-row inserts at a fixed rate on one side, a reader
+    polling the other side every 2 ms; latency = first seen - commit returned."""
+
+    def __init__(self, src: Database, dst: Database, first_id: int, rate: int, seconds: float):
+        self.src, self.dst = src, dst
+        self.ids = range(first_id, first_id + int(rate * seconds))
+        self.rate = rate
+        self.committed: dict[int, float] = {}
+        self.seen: dict[int, float] = {}
+        self.done = threading.Event()
+
+    def write(self) -> None:
+        insert = "INSERT INTO items SELECT " + ROW_EXPR + " FROM (SELECT %s::bigint AS g) s"
+        with self.src.connect() as conn:
+            start = time.perf_counter()
+            for n, i in enumerate(self.ids):
+                delay = start + n / self.rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                conn.execute(insert, (i,))
+                self.committed[i] = time.perf_counter()
+        self.done.set()
+
+    def read(self, timeout: float) -> None:
+        last = self.ids.start - 1
+        deadline = None
+        with self.dst.connect() as conn:
+            while last < self.ids.stop - 1:
+                got = conn.execute("SELECT id FROM items WHERE id > %s AND id < %s ORDER BY id",
+                                   (last, self.ids.stop)).fetchall()
+                now = time.perf_counter()
+                for (i,) in got:
+                    self.seen[i] = now
+                    last = max(last, i)
+                if self.done.is_set():
+                    deadline = deadline or now + timeout
+                    if now > deadline:
+                        break
+                time.sleep(0.002)
+
+    def run(self, timeout: float = 30) -> list[float]:
+        reader = threading.Thread(target=self.read, args=(timeout,), daemon=True)
+        reader.start()
+        self.write()
+        reader.join(timeout + 5)
+        missing = [i for i in self.ids if i not in self.seen]
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {len(self.ids)} rows never arrived (e.g. id {missing[0]})")
+        return [max(0.0, self.seen[i] - self.committed[i]) * 1000 for i in self.ids]
+
+
+def arrived(db: Database, row_id: int) -> Callable[[], bool]:
+    return lambda: bool(db.scalar("SELECT count(*) FROM items WHERE id = %s", (row_id,)))
+
+
+def latency_ours(env: Env, run: int) -> list[float]:
+    s = env.sizes
+    pair = make_pair(env, f"latency{run}", 1000)
+    daemon = start(replicator_cmd("run", "-c", str(pair.branch_yaml)), env.workdir, f"latency{run}")
+    try:
+        pair.hq.execute(FILL, (10_000, 10_000))             # warm-up: the daemon is listening
+        wait_for(arrived(pair.branch, 10_000), 60, "the replicator daemon to start")
+        return Prober(pair.hq, pair.branch, 100_000, s.latency_rate, s.latency_seconds).run()
+    finally:
+        finished = stop(daemon)
+        if finished.returncode != 0:
+            log.warning("replicator run exited %d: %s", finished.returncode, finished.stderr[-500:])
+        env.hq.drop_database(pair.hq.name)
+        env.branch.drop_database(pair.branch.name)
+
+
+def latency_native(env: Env, run: int) -> list[float]:
+    s = env.sizes
+    native = make_native(env, f"nlatency{run}", 1000)
+    try:
+        native.src.execute(FILL, (10_000, 10_000))
+        wait_for(arrived(native.dst, 10_000), 60, "the native subscription to start")
+        return Prober(native.src, native.dst, 100_000, s.latency_rate, s.latency_seconds).run()
+    finally:
+        native.drop()
+        env.hq.drop_database(native.src.name)
+        env.branch.drop_database(native.dst.name)
+
+
+def bench_latency(env: Env) -> list[Result]:
+    s = env.sizes
+    p50, p99, n50, n99 = [], [], [], []
+    for run in range(env.runs):
+        ours = latency_ours(env, run)
+        native = latency_native(env, run)
+        p50.append(percentile(ours, 50))
+        p99.append(percentile(ours, 99))
+        n50.append(percentile(native, 50))
+        n99.append(percentile(native, 99))
+        say("  latency run %d: ours p50 %.1f ms p99 %.1f ms; native p50 %.1f ms p99 %.1f ms",
+            run, p50[-1], p99[-1], n50[-1], n99[-1])
+    note = f"{s.latency_rate} commits/s for {s.latency_seconds:g} s; baseline: native logical replication"
+    return [limit_result("latency", "commit to visible, p50", median(p50), 50, "ms", median(n50), note),
+            limit_result("latency", "commit to visible, p99", median(p99), 250, "ms", median(n99), note)]
+
+
+# ============================================================== fan-out
+
+class LagSampler:
+    """Samples every branch's lag: the age of the oldest HQ commit not yet visible there.
+
+    One writer commits transactions of consecutive ids in id order, so a branch
+    whose max(id) is M has every transaction up to M and none after.
+    """
+
+    def __init__(self, branches: list[Database], every: float = 0.25):
+        self.branches = branches
+        self.every = every
+        self.last_ids: list[int] = []       # last id of each committed txn, in commit order
+        self.commit_times: list[float] = []  # appended before last_ids, so never shorter
+        self.samples: list[list[float]] = [[] for _ in branches]
+        self.stop = threading.Event()
+
+    def committed(self, last_id: int, at: float) -> None:
+        self.commit_times.append(at)
+        self.last_ids.append(last_id)
+
+    def lag(self, max_id: int, now: float) -> float:
+        n = len(self.last_ids)
+        k = bisect.bisect_right(self.last_ids, max_id, 0, n)
+        return 0.0 if k >= n else now - self.commit_times[k]
+
+    def run(self) -> None:
+        conns = [b.connect() for b in self.branches]
+        try:
+            while not self.stop.is_set():
+                for n, conn in enumerate(conns):
+                    max_id = conn.execute("SELECT coalesce(max(id), 0) FROM items").fetchone()[0]
+                    self.samples[n].append(self.lag(max_id, time.perf_counter()))
+                self.stop.wait(self.every)
+        finally:
+            for conn in conns:
+                conn.close()
+
+
+def fanout_writer(hq: Database, sampler: LagSampler, first_id: int, rate: int, per_txn: int,
+                  seconds: float) -> int:
+    """Commit `rate` changes/s as inserts of `per_txn` rows for `seconds`; return the last id.
+
+    Time-bounded, not count-bounded: on an overloaded machine the writer falls behind
+    its schedule and the achieved rate (reported) is lower than asked.
+    """
+    insert = "INSERT INTO items SELECT " + ROW_EXPR + " FROM generate_series(%s::bigint, %s::bigint) g"
+    next_id = first_id
+    with hq.connect() as conn:
+        start = time.perf_counter()
+        end = start + seconds
+        for n in itertools.count():
+            due = start + n * per_txn / rate
+            if due >= end or time.perf_counter() >= end:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            conn.execute(insert, (next_id, next_id + per_txn - 1))
+            next_id += per_txn
+            sampler.committed(next_id - 1, time.perf_counter())
+    return next_id - 1
+
+
+def bench_fanout(env: Env) -> list[Result]:
+    s = env.sizes
+    k = s.fanout_branches
+    say("fan-out: %d branches", k)
+    hq, hq_yaml = capture_db(env, "fanout_hq", 1000)
+    branches, paths = [], []
+    for n in range(k):
+        db = env.fresh("branch" if n % 2 == 0 else "branch2", f"fanout_br{n:02d}")
+        db.execute(SCHEMA)
+        branches.append(db)
+        paths.append(register_branch(hq, hq_yaml, f"fanout-{n:02d}", db, env.workdir))
+    say("  %d branches initialized; starting their `replicator run` daemons", k)
+    daemons = [start(replicator_cmd("run", "-c", str(p)), env.workdir, f"fanout{n:02d}")
+               for n, p in enumerate(paths)]
+    results = []
+    try:
+        hq.execute(FILL, (10_000, 10_000))
+        wait_for(lambda: all(arrived(b, 10_000)() for b in branches), 180, "every daemon to start", 0.5)
+        sampler = LagSampler(branches)
+        thread = threading.Thread(target=sampler.run, daemon=True)
+        pids = [d.pid for d in daemons]
+        cpu0, dcpu0, me0, t0 = env.cpu(), process_cpu_seconds(pids), time.process_time(), time.perf_counter()
+        thread.start()
+        say("  every daemon is up; writing %d changes/s for %.0f s", s.fanout_rate, s.fanout_seconds)
+        last = fanout_writer(hq, sampler, 100_000, s.fanout_rate, s.fanout_rows_per_txn, s.fanout_seconds)
+        hq_secs = cluster_cpu_seconds(env.hq) - cpu0[env.hq.name]
+        _, clusters = env.cpu_since(cpu0)
+        dcpu1, me1, t1 = process_cpu_seconds(pids), time.process_time(), time.perf_counter()
+        say("  wrote up to id %d; waiting for every branch to catch up", last)
+        behind = ""
+        try:
+            wait_for(lambda: all(arrived(b, last)() for b in branches), 120, "every branch to catch up", 0.25)
+        except RuntimeError:
+            behind = "; some branches had not caught up 120 s after the writer stopped"
+        sampler.stop.set()
+        thread.join(10)
+        written = last - 100_000 + 1
+        rate = written / (t1 - t0)
+        for d in daemons:
+            stop(d)
+        p99s = [percentile(x, 99) for x in sampler.samples]
+        worst = max(p99s)
+        hq_cpu = hq_secs / (t1 - t0)
+        note = (f"{k} daemons, {written:,} changes at {rate:.0f}/s (asked {s.fanout_rate}/s, "
+                f"{s.fanout_rows_per_txn}-row txns) for {t1 - t0:.0f} s; median branch p99 "
+                f"{median(p99s):.2f} s{behind}")
+        lag = limit_result("fan-out", "worst branch lag p99", worst, 2.0, "s", note=note, strict_below=True)
+        if behind:
+            lag.ok = False
+        if rate < 0.9 * s.fanout_rate:
+            lag.ok = False
+            lag.note += "; FAIL: the writer could not reach the asked rate (machine saturated)"
+        results.append(lag)
+        results.append(Result("fan-out", "HQ CPU per branch", hq_cpu / k * 1000, None, "ms/s",
+                              note=f"HQ total {hq_cpu * 100:.0f}% of one core for {k} branches and the "
+                                   f"writer; each daemon used {(dcpu1 - dcpu0) / k / (t1 - t0) * 1000:.0f} ms/s; "
+                                   f"CPU-seconds over {t1 - t0:.0f} s: {clusters}, daemons {dcpu1 - dcpu0:.1f} s, "
+                                   f"writer and sampler {me1 - me0:.1f} s"))
+    finally:
+        for d in daemons:
+            if d.returncode is None:
+                stop(d)
+        env.hq.drop_database(hq.name)
+        for b in branches:
+            b.cluster.drop_database(b.name)
+    results.append(bench_window_poll(env))
+    return results
+
+
+# ------------------------------------------------------------- window query plan
+
+def fill_log(db: Database, table_id: int, rows: int, per_txn: int = 10_000) -> None:
+    """Append `rows` realistic log rows in transactions of `per_txn` (distinct xids)."""
+    db.execute(sql.SQL("""
+DO $$
+DECLARE i bigint := 0;
+BEGIN
+    WHILE i < {rows} LOOP
+        INSERT INTO replication.change_log (table_id, op, row)
+        SELECT {tid}, 'U', to_jsonb(r) FROM (SELECT {expr} FROM generate_series(i + 1, i + least({per}, {rows} - i)) g) r;
+        i := i + {per};
+        COMMIT;
+    END LOOP;
+END $$""").format(rows=sql.Literal(rows), tid=sql.Literal(table_id), per=sql.Literal(per_txn),
+                  expr=sql.SQL(ROW_EXPR.replace("%%", "%"))))
+    db.execute("VACUUM ANALYZE replication.change_log")
+
+
+def plan_nodes(plan: dict) -> Iterator[dict]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+@dataclass
+class Poll:
+    ms: float              # median planning + execution time
+    plan: list[str]        # index (or sequential) scans on the change log
+    rows: int
+    jit_ms: float          # median JIT compilation time inside `ms` (0: no JIT)
+
+
+def poll_time(hq: Database, reader: LogReader, repeat: int = 21) -> Poll:
+    """Time the window query (plan + execute) for a fresh 10-change window at the log's end."""
+    with hq.connect() as conn:
+        prev = current_snapshot(conn)
+        for i in range(10):
+            conn.execute("UPDATE items SET price = price + 1 WHERE id = %s", (i + 1,))
+        cur = current_snapshot(conn)
+        params = {"prev": prev, "cur": cur, "late": reader.late_xids(conn, prev, cur), "after": 0,
+                  "tables": list(reader.tables)}
+        explain = sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") + reader.query
+        times, jit, scans, rows = [], [], set(), 0
+        for _ in range(repeat):
+            doc = conn.execute(explain, params).fetchone()[0]
+            doc = (json.loads(doc) if isinstance(doc, str) else doc)[0]
+            times.append(doc["Planning Time"] + doc["Execution Time"])
+            jit.append(doc.get("JIT", {}).get("Timing", {}).get("Total", 0.0))
+            rows = doc["Plan"].get("Actual Rows", 0)
+            for node in plan_nodes(doc["Plan"]):
+                if "Index Name" in node:
+                    scans.add(f"{node['Node Type']} on {node['Index Name']}")
+                if node["Node Type"] == "Seq Scan" and node.get("Relation Name") == "change_log":
+                    scans.add("Seq Scan on change_log")
+    return Poll(median(times), sorted(scans), rows, median(jit))
+
+
+def bench_window_poll(env: Env) -> Result:
+    s = env.sizes
+    hq, _ = capture_db(env, "logsize_hq", 100)
+    polls = {}
+    try:
+        with hq.connect() as conn:
+            tables = source_tables(conn, ["items"])
+        reader = LogReader(tables, {})
+        for size, add in ((s.log_small, s.log_small), (s.log_big, s.log_big - s.log_small - 10)):
+            if size == s.log_big:
+                say("  filling the change log to %d rows", size)
+            fill_log(hq, tables[0].id, add)
+            polls[size] = p = poll_time(hq, reader)
+            say("  window poll with %d log rows: %.3f ms (JIT %.3f ms; %s; %d rows)", size, p.ms, p.jit_ms,
+                ", ".join(p.plan), p.rows)
+    finally:
+        env.hq.drop_database(hq.name)
+    small, big = polls[s.log_small], polls[s.log_big]
+    uses_index = all(any("change_log_xid" in x for x in p.plan) and not any("Seq Scan" in x for x in p.plan)
+                     for p in (small, big))
+    flat = big.ms <= 2 * small.ms or big.ms - small.ms < 1.0
+    note = f"plan: {', '.join(big.plan)}; {big.rows} rows"
+    if big.jit_ms:
+        note += (f"; JIT compilation {big.jit_ms:.2f} ms of it (the estimated cost passes jit_above_cost; "
+                 f"{big.ms - big.jit_ms:.3f} ms without)")
+    return Result("fan-out", f"window poll, {s.log_big:,} vs {s.log_small:,} log rows", big.ms, small.ms,
+                  "ms", "index on xid; flat (≤ 2× or +1 ms)", uses_index and flat,
+                  big.ms / small.ms if small.ms else None, note)
+
+
+# ============================================================== main
+
+RUNNERS: dict[str, Callable[[Env], list[Result]]] = {
+    "catchup": bench_catchup, "init": bench_init, "capture": bench_capture,
+    "latency": bench_latency, "fanout": bench_fanout,
+}
+TITLES = {"catchup": "catch-up apply", "init": "initial copy", "capture": "capture on HQ",
+          "latency": "latency", "fanout": "fan-out"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m replicator.bench",
+                                description="Benchmark replicator against PostgreSQL logical "
+                                            "replication, a raw COPY pipe and no capture.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one run: checks the harness, not targets")
+    p.add_argument("--runs", type=int, help="runs per benchmark (median); default 3, 1 with --quick")
+    p.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
+                   help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}")
+    p.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as Markdown")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("-v", "--verbose", action="store_true", help="log the engine's INFO lines too")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    if not args.verbose:
+        for name in ("replicator.cluster", "replicator.capture", "replicator.hq", "replicator.initialize",
+                     "replicator.db"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    sizes = QUICK if args.quick else FULL
+    runs = args.runs or (1 if args.quick else 3)
+    if runs < 1:
+        print("--runs must be at least 1", file=sys.stderr)
+        return 2
+    command = "python -m replicator.bench" + (" --quick" if args.quick else "") + \
+        "".join(f" --only {n}" for n in args.only or []) + (f" --runs {args.runs}" if args.runs else "")
+    results: list[Result] = []
+    failed: list[str] = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="replicator-bench-") as tmp:
+        env = Env(Path(tmp), sizes, runs)
+        try:
+            for name in args.only or BENCHMARKS:
+                say("=== %s", name)
+                t = time.monotonic()
+                try:
+                    results += RUNNERS[name](env)
+                except Exception as e:  # noqa: BLE001 - one broken benchmark must not hide the others
+                    log.exception("benchmark %s failed", name)
+                    failed.append(name)
+                    results.append(Result(TITLES[name], "ERROR", None, ok=False, note=str(e).splitlines()[0][:200]))
+                say("=== %s done in %.0f s", name, time.monotonic() - t)
+        finally:
+            env.close()
+    machine = machine_line()
+    print(f"\nreplicator benchmarks — {machine}; {runs} run(s) each, total {time.monotonic() - started:.0f} s")
+    print(text_table(results))
+    if args.markdown:
+        args.markdown.write_text(markdown_table(results, machine, command))
+        print(f"\nMarkdown table written to {args.markdown}")
+    if failed:
+        return 1
+    if args.strict and any(r.ok is False for r in results):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

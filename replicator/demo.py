@@ -1,0 +1,479 @@
+"""`replicator demo`: the whole product on one machine, from nothing, in a minute.
+
+Starts a throwaway HQ and two branch clusters, loads the sample point-of-sale
+chain on HQ, installs capture, registers and initializes both branches, starts
+a real `replicator run` daemon for each, and keeps HQ busy (price changes,
+stock moves, new customers and items) while showing each branch's lag.  At the
+end it waits for the branches to catch up, proves they hold exactly HQ's rows
+(after row filters and excluded columns), and removes everything it started,
+also on Ctrl-C.  :func:`run_demo` reads like that list; the helpers below it
+do one step each.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import click
+import yaml
+from rich.console import Console
+
+from . import cluster as cluster_mod
+from . import config, state
+from .capture import install
+from .cluster import Cluster, Database, server_os_user
+from .errors import ReplicatorError
+from .hq import add_branch, status as hq_status
+from .initialize import initialize
+from .progress import reporter
+from .sample import generate, load_schema, random_changes
+from .status import branch_status
+from .verify import format_report, verify
+
+log = logging.getLogger(__name__)
+
+HQ_TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "hq.yaml"
+DBNAME = "pos"
+SHOW_EVERY = 2.0          # seconds between progress lines while the load runs
+CATCH_UP_TIMEOUT = 120.0  # seconds the branches get to apply the last changes
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """One demo branch: its name on HQ, its store (row filters), what it keeps."""
+
+    name: str
+    store_id: int
+    catalogs: tuple[str, ...]
+    include_customers: bool
+
+
+BRANCHES = (
+    # store 1 keeps customers and more: filtered registers, users without their password hashes
+    BranchSpec("store-001", 1, ("customers", "items", "stock", "policies", "currencies", "stores",
+                                "registers", "users"), include_customers=True),
+    # store 2 keeps the daily catalogs only, no customers
+    BranchSpec("store-002", 2, ("items", "stock", "policies", "currencies", "stores", "registers"),
+               include_customers=False),
+)
+
+
+class DemoError(ReplicatorError):
+    """The demo could not go on (a daemon died, a branch did not catch up)."""
+
+
+@dataclass
+class DemoBranch:
+    spec: BranchSpec
+    cluster: Cluster
+    db: Database
+    config_path: Path | None = None
+    daemon: subprocess.Popen | None = None
+
+    @property
+    def cfg(self) -> config.BranchConfig:
+        return config.load_branch(self.config_path)
+
+    @property
+    def log_path(self) -> Path:
+        return self.config_path.with_suffix(".log")
+
+
+def run_demo(duration: float = 60, keep: bool = False, size: str = "demo", rate: float = 50,
+             echo=click.echo) -> int:
+    """Run the demo; 0 when both branches match HQ at the end, 1 otherwise."""
+    with _quiet_library_logs(), Workspace(echo) as ws:
+        echo(f"working directory: {ws.dir}")
+        started = time.monotonic()
+        hq = start_hq(ws)
+        with ThreadPoolExecutor(len(BRANCHES)) as pool:    # branch clusters start while HQ loads
+            starting = [pool.submit(start_branch, ws, spec) for spec in BRANCHES]
+            load_sample(hq, size, echo)
+            branches = [f.result() for f in starting]
+        hq_cfg = write_hq_config(ws, hq)
+        install_capture(hq, hq_cfg, echo)
+        for b in branches:
+            register_branch(ws, hq, hq_cfg, b)
+        initialize_branches(branches, echo)
+        echo(f"setup done in {time.monotonic() - started:.1f} s")
+        for b in branches:
+            ws.start_daemon(b)
+        changes = drive_load(hq, branches, duration, rate, echo)
+        echo(f"load stopped after {changes:,} HQ transactions; waiting for the branches to catch up")
+        wait_caught_up(branches, echo)
+        ok = all([verify_branch(b.cfg, echo) for b in branches])
+        ws.stop_daemons()
+        summarize_changes(hq, echo)
+        if keep:
+            ws.keep_clusters(hq, branches)
+        echo("demo finished: every branch matches HQ" if ok else "demo finished: VERIFICATION FAILED")
+        return 0 if ok else 1
+
+
+# ------------------------------------------------------------------ workspace
+
+class Workspace:
+    """Everything the demo starts (temp dir, clusters, daemons), so that one place
+    stops it all: on success, on error, on Ctrl-C (SIGINT) and on SIGTERM."""
+
+    def __init__(self, echo) -> None:
+        self.echo = echo
+        self.dir = Path(tempfile.mkdtemp(prefix="replicator-demo-"))
+        self.dir.chmod(0o755)      # the clusters' OS user (postgres, when we are root) must enter it
+        self.clusters: list[Cluster] = []
+        self.branches: list[DemoBranch] = []
+        self.kept = False
+        self._old_term = None
+
+    def __enter__(self) -> "Workspace":
+        self._old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        with _signals_ignored():      # a second Ctrl-C must not leave half the servers running
+            if exc_type is not None:
+                try:
+                    self.echo(f"stopping the demo ({'interrupted' if exc_type is KeyboardInterrupt else 'error'});"
+                              " cleaning up", err=True)
+                except OSError:       # output gone (`| head`): clean up all the same
+                    pass
+            self.stop_daemons()
+            if not self.kept:
+                self.remove_all()
+            signal.signal(signal.SIGTERM, self._old_term)
+
+    def cluster(self, name: str) -> Cluster:
+        c = Cluster(name, base_dir=self.dir)
+        self.clusters.append(c)
+        return c.start()
+
+    def start_daemon(self, b: DemoBranch) -> None:
+        """A real `replicator run` per branch, in its own session (we stop it, not the terminal)."""
+        self.branches.append(b)      # first: a Ctrl-C right after Popen must still find it
+        with open(b.log_path, "ab") as out:
+            b.daemon = subprocess.Popen(
+                [sys.executable, "-m", "replicator", "run", "-c", str(b.config_path)], cwd=self.dir,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.echo(f"{b.spec.name}: replicator running (pid {b.daemon.pid}, log {b.log_path})")
+
+    def stop_daemons(self, timeout: float = 15) -> None:
+        """SIGTERM (the daemon finishes its transaction), then SIGKILL if it does not exit."""
+        running = [b for b in self.branches if b.daemon and b.daemon.poll() is None]
+        for b in running:
+            b.daemon.terminate()
+        deadline = time.monotonic() + timeout
+        for b in running:
+            try:
+                b.daemon.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("replicator of %s did not stop on SIGTERM; killing it", b.spec.name)
+                b.daemon.kill()
+                b.daemon.wait()
+
+    def remove_all(self) -> None:
+        for c in self.clusters:
+            try:
+                c.cleanup()
+            except Exception as e:  # noqa: BLE001 - keep removing the others
+                log.warning("could not remove cluster %s: %s", c.name, e)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def keep_clusters(self, hq: Database, branches: list[DemoBranch]) -> None:
+        """--keep: leave the servers up and say how to reach and stop them."""
+        self.kept = True
+        for c in self.clusters:
+            cluster_mod._LIVE.discard(c)     # the cluster module would stop them at exit
+        self.echo("\nclusters kept running; connect with:")
+        for name, d in [("HQ", hq)] + [(b.spec.name, b.db) for b in branches]:
+            self.echo(f"  {name:<10} psql \"{d.dsn}\"")
+        self.echo("keep a branch replicating with:")
+        for b in branches:
+            self.echo(f"  replicator run -c {b.config_path}")
+        self.echo("stop and remove everything with:")
+        for c in [hq.cluster] + [b.cluster for b in branches]:
+            self.echo(f"  {_as_server_user()}{c.bindir / 'pg_ctl'} stop -m fast -D {c.data_dir}")
+        self.echo(f"  rm -rf {self.dir}")
+
+
+@contextmanager
+def _quiet_library_logs():
+    """The demo tells its story on stdout; the library's INFO lines (a line per captured
+    table, per cluster, per migration) would bury it.  Init progress and warnings stay;
+    -v shows everything."""
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    names = ("capture", "cluster", "db", "hq", "initialize", "sample", "verify")
+    loggers = [logging.getLogger(f"replicator.{n}") for n in names]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, old):
+            lg.setLevel(level)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _signals_ignored():
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _as_server_user() -> str:
+    user = server_os_user()
+    return f"runuser -u {user[0]} -- " if user else ""
+
+
+# ------------------------------------------------------------------ setup
+
+def start_hq(ws: Workspace) -> Database:
+    t0 = time.monotonic()
+    hq = ws.cluster("hq").create_database(DBNAME)
+    ws.echo(f"started HQ cluster in {time.monotonic() - t0:.1f} s (PostgreSQL from {hq.cluster.bindir})")
+    return hq
+
+
+def start_branch(ws: Workspace, spec: BranchSpec) -> DemoBranch:
+    """A branch cluster with the sample schema and no data: init brings the data."""
+    c = ws.cluster(spec.name)
+    b = DemoBranch(spec, c, c.create_database(DBNAME))
+    with b.db.connect() as conn:
+        load_schema(conn)
+    ws.echo(f"{spec.name}: cluster started with the sample schema, no data yet")
+    return b
+
+
+def load_sample(hq: Database, size: str, echo) -> None:
+    """The sample POS chain on HQ: schema and data (generated before capture is installed)."""
+    t0 = time.monotonic()
+    with hq.connect() as conn:
+        load_schema(conn)
+        counts = generate(conn, size)
+    echo(f"loaded the sample chain on HQ ({size}: {counts['items']:,} items, {counts['stock']:,} stock rows, "
+         f"{counts['customers']:,} customers, {sum(counts.values()):,} rows) in {time.monotonic() - t0:.1f} s")
+
+
+def write_hq_config(ws: Workspace, hq: Database) -> Path:
+    """hq.yaml: the shipped catalogs of config/hq.yaml, pointed at the demo's HQ."""
+    doc = yaml.safe_load(HQ_TEMPLATE.read_text(encoding="utf-8"))
+    doc["dsn"] = hq.dsn
+    path = ws.dir / "hq.yaml"
+    path.write_text(f"# written by `replicator demo` from {HQ_TEMPLATE.name}\n"
+                    + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def install_capture(hq: Database, hq_path: Path, echo) -> None:
+    with hq.connect() as conn:
+        report = install(conn, config.load_hq(hq_path))
+    echo(f"capture installed on HQ: {len(report.attached)} tables")
+
+
+def register_branch(ws: Workspace, hq: Database, hq_path: Path, b: DemoBranch) -> None:
+    """Register the branch on HQ with its own login, and write its branch.yaml.
+
+    The password goes to a pgpass file (libpq's ``passfile``), never into the YAML.
+    """
+    password = secrets.token_urlsafe(18)
+    with hq.connect() as conn:
+        reg = add_branch(conn, config.load_hq(hq_path), b.spec.name, {"store_id": b.spec.store_id}, password)
+    passfile = ws.dir / "pgpass"
+    with open(os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as f:
+        f.write(f"{hq.cluster.host}:{hq.cluster.port}:{DBNAME}:{reg.role}:{password}\n")
+    source = f"{hq.cluster.dsn(DBNAME, user=reg.role)}?passfile={quote(str(passfile))}"
+    doc = {"branch": b.spec.name, "source": {"dsn": source}, "target": {"dsn": b.db.dsn},
+           "catalogs": list(b.spec.catalogs)}
+    b.config_path = ws.dir / f"{b.spec.name}.yaml"
+    b.config_path.write_text(f"# written by `replicator demo`: store {b.spec.store_id}\n"
+                             + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
+def initialize_branches(branches: list[DemoBranch], echo) -> None:
+    """First sync: the first branch with customers, the second without."""
+    for b in branches:
+        with reporter() as progress:
+            rep = initialize(b.cfg, include_customers=b.spec.include_customers, progress=progress)
+        echo(f"{b.spec.name}: initialized {', '.join(rep.catalogs)}: {len(rep.copies)} tables, "
+             f"{rep.rows:,} rows, {rep.bytes / 1e6:.1f} MB in {rep.seconds:.1f} s")
+
+
+# ------------------------------------------------------------------ live load
+
+@dataclass
+class Lag:
+    branch: str
+    applied: int           # changes applied since init (the branch's own count)
+    pending: int | None    # HQ changes it has not reported yet
+    seconds: float | None  # age of the oldest of those
+
+
+def drive_load(hq: Database, branches: list[DemoBranch], duration: float, rate: float, echo) -> int:
+    """HQ keeps working: `rate` random catalog changes per second for `duration` seconds,
+    while each branch's progress and lag is shown every SHOW_EVERY seconds."""
+    rng = random.Random(20240501)
+    done = 0
+    started = time.monotonic()
+    with hq.connect() as conn, LagDisplay(echo) as display:
+        next_show = started
+        while (elapsed := time.monotonic() - started) < duration:
+            due = int(elapsed * rate) - done
+            if due > 0:
+                random_changes(conn, due, rng)
+                done += due
+            if time.monotonic() >= next_show:
+                check_daemons(branches)
+                display.show(elapsed, done, logged_rows(conn), measure_lag(conn, branches))
+                next_show += SHOW_EVERY
+            time.sleep(min(0.05, max(started + duration - time.monotonic(), 0)))
+        display.show(time.monotonic() - started, done, logged_rows(conn), measure_lag(conn, branches))
+    return done
+
+
+def logged_rows(hq_conn) -> int:
+    """Row changes HQ's capture has logged (one transaction changes one row or a dozen)."""
+    return hq_conn.execute("SELECT count(*) FROM replication.change_log").fetchone()[0]
+
+
+def measure_lag(hq_conn, branches: list[DemoBranch]) -> list[Lag]:
+    """Pending changes and lag as HQ sees them (replication.branches), applied count from each branch."""
+    on_hq = {s.name: s for s in hq_status(hq_conn)}
+    out = []
+    for b in branches:
+        with b.db.connect() as conn:
+            pos = state.load_position(conn)
+        s = on_hq.get(b.spec.name)
+        if s is None or s.pending is None:          # no position reported yet
+            out.append(Lag(b.spec.name, pos.applied_changes if pos else 0, None, None))
+        else:
+            out.append(Lag(b.spec.name, pos.applied_changes if pos else 0, s.pending,
+                           s.lag.total_seconds() if s.pending and s.lag else 0.0))
+    return out
+
+
+def check_daemons(branches: list[DemoBranch]) -> None:
+    for b in branches:
+        if b.daemon is not None and b.daemon.poll() is not None:
+            tail = "\n".join(b.log_path.read_text(errors="replace").splitlines()[-10:])
+            raise DemoError(f"the replicator of {b.spec.name} exited with code {b.daemon.returncode}:\n{tail}")
+
+
+class LagDisplay:
+    """Per-branch progress while the load runs: a live table on a terminal, a line otherwise."""
+
+    def __init__(self, echo) -> None:
+        self.echo = echo
+        self.live = None
+
+    def __enter__(self) -> "LagDisplay":
+        if Console().is_terminal:
+            from rich.live import Live
+            self.live = Live(auto_refresh=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def show(self, elapsed: float, transactions: int, logged: int, lags: list[Lag]) -> None:
+        """`applied` counts the rows a branch received (its row filter and catalogs), `pending` the
+        HQ log rows it has not reported, `lag` the age of the oldest of those."""
+        if self.live is not None:
+            self.live.update(self._table(elapsed, transactions, logged, lags), refresh=True)
+            return
+        parts = [f"{lag.branch}: {lag.applied:,} applied, {_pending(lag)} pending, lag {_secs(lag.seconds)}"
+                 for lag in lags]
+        self.echo(f"{elapsed:5.0f} s  HQ {transactions:,} transactions, {logged:,} rows changed | "
+                  + " | ".join(parts))
+
+    @staticmethod
+    def _table(elapsed: float, transactions: int, logged: int, lags: list[Lag]):
+        from rich.console import Group
+        from rich.table import Table
+        table = Table()
+        for col in ("branch", "applied", "pending", "lag"):
+            table.add_column(col, justify="left" if col == "branch" else "right")
+        for lag in lags:
+            table.add_row(lag.branch, f"{lag.applied:,}", _pending(lag), _secs(lag.seconds))
+        return Group(f"{elapsed:.0f} s: HQ committed {transactions:,} transactions, {logged:,} rows changed", table)
+
+
+def _pending(lag: Lag) -> str:
+    return "-" if lag.pending is None else f"{lag.pending:,}"
+
+
+def _secs(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s"
+
+
+# ------------------------------------------------------------------ the end
+
+def wait_caught_up(branches: list[DemoBranch], echo, timeout: float = CATCH_UP_TIMEOUT) -> None:
+    """Until every branch reports every selected catalog up to date (as `replicator status`)."""
+    started = time.monotonic()
+    waiting = list(branches)
+    while waiting:
+        check_daemons(waiting)
+        for b in list(waiting):
+            if branch_status(b.cfg).up_to_date:
+                echo(f"{b.spec.name}: caught up ({time.monotonic() - started:.1f} s after the load stopped)")
+                waiting.remove(b)
+        if waiting and time.monotonic() - started > timeout:
+            raise DemoError(f"{', '.join(b.spec.name for b in waiting)} did not catch up within {timeout:.0f} s; "
+                            f"see {', '.join(str(b.log_path) for b in waiting)}")
+        if waiting:
+            time.sleep(0.3)
+
+
+def verify_branch(cfg: config.BranchConfig, echo) -> bool:
+    """Per catalog: up to date (as `replicator status` says) and equal to HQ's rows for this
+    branch (as `replicator verify` proves: row filter applied, excluded columns left out)."""
+    status = branch_status(cfg)
+    report = verify(cfg, wait=30)
+    ok = True
+    for c in status.catalogs:
+        tables = [t for t in report.tables if t.catalog == c.name]
+        equal = bool(tables) and all(t.status == "equal" for t in tables)
+        ok = ok and equal and c.state == "up to date"
+        rows = sum(t.branch_rows for t in tables)
+        echo(f"{cfg.branch}  {c.name:<12} {c.label:<14} {c.state}, "
+             + (f"verified: {rows:,} rows equal HQ" if equal else "DIFFERENT from HQ"))
+    if not ok:
+        for line in format_report(report):
+            echo(f"{cfg.branch}    {line}")
+    echo(f"{cfg.branch}: catalogs are up to date" if ok else f"{cfg.branch}: catalogs DIFFER from HQ")
+    return ok
+
+
+def summarize_changes(hq: Database, echo) -> None:
+    """What HQ's change log captured during the demo, per table and operation."""
+    rows = hq.execute("""SELECT t.table_name, count(*) FILTER (WHERE l.op = 'I'),
+                                count(*) FILTER (WHERE l.op = 'U'), count(*) FILTER (WHERE l.op = 'D')
+                           FROM replication.change_log l JOIN replication.tables t ON t.id = l.table_id
+                          GROUP BY 1 ORDER BY count(*) DESC, 1""") or []
+    echo("HQ captured during the demo:")
+    for table, i, u, d in rows:
+        echo(f"  {table:<16} {i:>6,} inserted {u:>6,} updated {d:>6,} deleted")

@@ -1,0 +1,541 @@
+"""`replicator verify`: prove that the branch holds exactly HQ's rows, and
+`--repair` the rows that differ.
+
+What is compared: for every initialized table, HQ's rows inside the branch's
+row filter against the branch's rows, over the columns the branch writes
+(``Table.columns``: excluded columns and extra local columns are left out).
+A row's canonical text is ``ROW(cols)::text`` in a session with fixed output
+settings (UTC, ISO dates, ...): ``bind_target`` guarantees equal column types,
+so equal rows print equally on both servers.
+
+How, without shipping a million rows and without false alarms while the
+replicator and HQ keep writing:
+
+1. **Buckets.**  Each side hashes its rows inside the database into buckets
+   of the primary key (``hash(key text) mod N``, computed identically on both
+   sides; no key ordering, so collations do not matter) and returns, per
+   bucket, the row count and the sum of 64-bit row hashes.  Both sides run in
+   parallel; only N small rows travel.
+2. **Narrowing.**  For the buckets that differ, each side lists key and row
+   hash; comparing the lists names the candidate keys (missing on the
+   branch, extra on the branch, different).
+3. **Settling.**  The first pass is not a consistent cut: a candidate may be
+   a change in flight.  Verify waits (up to ``wait`` seconds, only while a
+   replicator is running) for the branch position to cover an HQ snapshot
+   taken after the first pass, then re-checks the candidates at a consistent
+   point: it locks ``replication.position`` (apply pauses for milliseconds),
+   reads the branch rows and position P, releases, and reads HQ at a
+   REPEATABLE READ snapshot S together with the keys that have changes in
+   (P, S] that the stream will still apply (same rules as the reader: row
+   filter, the table's copy snapshot).  A key that differs and has no such
+   change is a real difference: HQ's row at S is HQ's row at P, which the
+   branch should hold.  A key with such a change is still in flight; verify
+   waits for the position to pass S and re-checks it, and reports it as
+   "pending" if the branch does not catch up in time.
+
+The row hash is ``hashtextextended`` (fast; 64 bits).  It is portable between
+PostgreSQL versions but hashes bytes in machine word order, so verify first
+checks that both servers hash a probe string alike and otherwise falls back
+to ``md5`` (about 3x slower).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from . import db, state
+from .config import BranchConfig
+from .errors import ConfigError, NotInitialized
+from .filters import jsonb_column, parse_filter, render
+from .reader import covers, current_snapshot
+from .schema import Table, bind_target, branch_params, check_names, offered_catalogs, select_catalogs, \
+    source_tables
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = 0x7265706C      # daemon.LOCK_KEY: (LOCK_KEY, 1) is held by a running replicator
+INIT_LOCK = 2              # initialize.INIT_LOCK: init and repair exclude each other
+CHUNK_KEYS = 10_000        # keys per re-check / repair statement
+SHOW_KEYS = 20             # keys listed per category in the text report
+
+# Output settings that make ROW(...)::text identical on both servers.
+SESSION = ("SET DateStyle = 'ISO, YMD'", "SET IntervalStyle = 'postgres'", "SET TimeZone = 'UTC'",
+           "SET extra_float_digits = 1", "SET bytea_output = 'hex'", "SET lc_monetary = 'C'")
+PROBE = "replicator verify probe: Ñandú ✓ 0123456789"
+HASH = "auto"              # "md5" forces the portable row hash (tests use it)
+
+
+@dataclass
+class TableReport:
+    table: str
+    catalog: str
+    status: str                                   # equal | different | not initialized
+    hq_rows: int = 0
+    branch_rows: int = 0
+    missing: list[str] = field(default_factory=list)     # keys on HQ, not on the branch
+    extra: list[str] = field(default_factory=list)       # keys on the branch, not on HQ
+    different: list[str] = field(default_factory=list)   # keys on both, rows differ
+    pending: list[str] = field(default_factory=list)     # differ, HQ changes not applied yet
+    key_columns: list[str] = field(default_factory=list)
+
+    @property
+    def equal(self) -> bool:
+        return self.status != "different"
+
+    def keys(self) -> list[str]:
+        return self.missing + self.extra + self.different + self.pending
+
+
+@dataclass
+class VerifyReport:
+    branch: str
+    tables: list[TableReport] = field(default_factory=list)
+    replicator_running: bool = False
+    caught_up: bool = True
+    seconds: float = 0.0
+
+    @property
+    def equal(self) -> bool:
+        return all(t.equal for t in self.tables)
+
+    def to_json(self) -> dict:
+        out = {"branch": self.branch, "equal": self.equal, "replicator_running": self.replicator_running,
+               "caught_up": self.caught_up, "seconds": round(self.seconds, 3), "tables": []}
+        for t in self.tables:
+            d = asdict(t)
+            for kind in ("missing", "extra", "different", "pending"):
+                d[kind] = [key_dict(t.key_columns, k) for k in d[kind]]
+            del d["key_columns"]
+            out["tables"].append(d)
+        return out
+
+
+@dataclass
+class RepairReport:
+    repaired: dict[str, int] = field(default_factory=dict)        # table -> keys re-copied
+    left_to_stream: dict[str, int] = field(default_factory=dict)  # table -> keys with pending changes
+    snapshot: str | None = None
+    seconds: float = 0.0
+
+
+def key_dict(columns: list[str], key: str) -> dict:
+    """A key's text form (a JSON object) as {column: value} in key column order."""
+    values = json.loads(key)
+    return {c: values[c] for c in columns}
+
+
+# ------------------------------------------------------------------ entry points
+
+def verify(cfg: BranchConfig, named: list[str] | None = None, wait: float = 60.0) -> VerifyReport:
+    """Compare HQ and the branch, table by table; see the module docstring."""
+    started = time.monotonic()
+    with _Context(cfg, named or [], "replicator verify") as ctx:
+        report = VerifyReport(cfg.branch, replicator_running=ctx.replicator_running())
+        compared = {t.id for t in ctx.tables}
+        candidates = {}
+        for t in ctx.all_tables:
+            tr = TableReport(t.qualified, t.catalog, "not initialized", key_columns=list(t.key_columns))
+            report.tables.append(tr)
+            if t.id in compared:
+                candidates[t.id] = ctx.first_pass(t, tr)
+        candidates = {tid: c for tid, c in candidates.items() if c}
+        if candidates:
+            report.caught_up = _settle(ctx, candidates, report, wait)
+        for tr, t in zip(report.tables, ctx.all_tables):
+            if t.id in compared:
+                tr.status = "different" if tr.keys() else "equal"
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def repair(cfg: BranchConfig, report: VerifyReport) -> RepairReport:
+    """Re-copy the rows `report` found different, in ONE branch transaction.
+
+    Coordination with a running replicator: the transaction takes init's
+    advisory lock and locks ``replication.position`` FOR UPDATE, so apply
+    waits; the HQ snapshot S is taken after the lock, in REPEATABLE READ.
+    Only keys with *no* change in (P, S] that the stream will still apply
+    are re-copied (P: the locked branch position).  For those, HQ's row at S
+    is HQ's row at P, so after the repair the branch is again exactly HQ as
+    of its position, and the position needs no change.
+
+    Keys that do have such a change are left to the stream on purpose:
+    every change carries a full row image (upsert or delete), so applying
+    them overwrites whatever the branch holds and converges on HQ's row.
+    Copying them at S instead would put the branch ahead of its position
+    for those keys; the stream would then re-apply older images over the
+    newer copy, regressing the row until it passes S.  That also converges,
+    but shows rows out of order meanwhile; leaving them costs nothing.
+    Re-copied rows are deleted and inserted (so a local extra column gets
+    its default, as after init), with ``session_replication_role = replica``.
+    """
+    started = time.monotonic()
+    out = RepairReport()
+    todo = {tr.table: tr.keys() for tr in report.tables if tr.keys()}
+    if not todo:
+        return out
+    with _Context(cfg, sorted({tr.catalog for tr in report.tables if tr.table in todo}),
+                  "replicator verify --repair") as ctx:
+        tables = [t for t in ctx.tables if t.qualified in todo]
+        branch, hq = ctx.branch, ctx.hq
+        with branch.transaction():
+            branch.execute("SET LOCAL session_replication_role = replica")
+            branch.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_KEY, INIT_LOCK))
+            pos = state.load_position(branch, lock=True)
+            copies = _copy_snapshots(branch)
+            with hq.transaction():
+                hq.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                out.snapshot = current_snapshot(hq)
+                for t in tables:
+                    busy, truncated = ctx.pending_keys(t, pos.snapshot, out.snapshot, copies.get(t.qualified))
+                    keys = [] if truncated else [k for k in todo[t.qualified] if k not in busy]
+                    left = len(todo[t.qualified]) - len(keys)
+                    if left:
+                        out.left_to_stream[t.qualified] = left
+                    if keys:
+                        ctx.recopy(t, keys)
+                        out.repaired[t.qualified] = len(keys)
+                        log.info("%s: re-copied %d rows at HQ snapshot %s", t.qualified, len(keys), out.snapshot)
+    out.seconds = time.monotonic() - started
+    return out
+
+
+# ------------------------------------------------------------------ settling
+
+def _settle(ctx: "_Context", candidates: dict[int, dict], report: VerifyReport, wait: float) -> bool:
+    """Re-check candidate keys at consistent points until none is in flight or time runs out.
+
+    Returns True when the branch caught up with every snapshot waited for.
+    """
+    deadline = time.monotonic() + wait
+    target = current_snapshot(ctx.hq)
+    caught_up = True
+    by_id = {t.id: t for t in ctx.tables}
+    reports = {tr.table: tr for tr in report.tables}
+    while True:
+        caught_up = ctx.wait_for(target, deadline) and caught_up
+        confirmed, in_flight, target = ctx.recheck(candidates)
+        for tid, kinds in confirmed.items():
+            tr = reports[by_id[tid].qualified]
+            for kind, keys in kinds.items():
+                getattr(tr, kind).extend(sort_keys(keys))
+        candidates = {tid: keys for tid, keys in in_flight.items() if keys}
+        if not candidates:
+            return caught_up
+        if time.monotonic() >= deadline or not ctx.replicator_running():
+            for tid, keys in candidates.items():
+                reports[by_id[tid].qualified].pending.extend(sort_keys(keys))
+            return False
+
+
+# ------------------------------------------------------------------ context
+
+class _Context:
+    """Both connections, the tables to compare, and the SQL to hash them."""
+
+    def __init__(self, cfg: BranchConfig, named: list[str], app: str):
+        self.cfg = cfg
+        self.named = named
+        self.app = app
+
+    def __enter__(self) -> "_Context":
+        cfg = self.cfg
+        self.hq = db.connect(cfg.source_dsn, "HQ", autocommit=True, application=self.app)
+        self.branch = db.connect(cfg.target_dsn, "branch", autocommit=True, application=self.app)
+        try:
+            self._load()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for conn in (self.hq, self.branch):
+            try:
+                conn.close()
+            except Exception:  # closing a broken connection must not hide the real error
+                pass
+
+    def _load(self) -> None:
+        db.require_version(self.hq, "hq", "HQ")
+        if state.load_position(self.branch) is None:
+            raise NotInitialized(f"branch {self.cfg.branch} has no position yet; run `replicator init -c "
+                                 f"{self.cfg.path}` first")
+        names = _choose(self.cfg, offered_catalogs(self.hq), self.named)
+        self.params = branch_params(self.hq, self.cfg.branch, self.cfg)
+        self.all_tables = source_tables(self.hq, names)
+        states = state.table_states(self.branch)
+        self.tables = [t for t in self.all_tables
+                       if t.qualified in states and states[t.qualified].initialized_at is not None]
+        bind_target(self.branch, self.tables)
+        for conn in (self.hq, self.branch):
+            for stmt in SESSION:
+                conn.execute(stmt)
+        probe = [c.execute("SELECT hashtextextended(%s, 0)", (PROBE,)).fetchone()[0] for c in (self.hq, self.branch)]
+        self.fast_hash = HASH == "auto" and probe[0] == probe[1]
+        if not self.fast_hash:
+            log.info("HQ and branch hash text differently (byte order); using md5")
+
+    # ---------------------------------------------------------- SQL pieces
+    def _hash(self, text: sql.Composable, seed: int) -> sql.Composable:
+        if self.fast_hash:
+            return sql.SQL("pg_catalog.hashtextextended({}, {})").format(text, sql.Literal(seed))
+        return sql.SQL("('x' || pg_catalog.substr(pg_catalog.md5({} || {}), 1, 16))::bit(64)::bigint").format(
+            sql.Literal(str(seed)), text)
+
+    @staticmethod
+    def _row_text(cols: list[str]) -> sql.Composable:
+        return sql.SQL('(ROW({})::text COLLATE "C")').format(sql.SQL(", ").join(map(sql.Identifier, cols)))
+
+    def row_hash(self, t: Table) -> sql.Composable:
+        return self._hash(self._row_text(t.columns), 0)
+
+    def bucket(self, t: Table, n: int) -> sql.Composable:
+        return sql.SQL("({} & {})").format(self._hash(self._row_text(t.key_columns), 1), sql.Literal(n - 1))
+
+    @staticmethod
+    def key_text(t: Table, column=sql.Identifier) -> sql.Composable:
+        """The key as JSON object text, built from typed values in our fixed session settings:
+        equal on HQ, on the branch and for change-log images, whatever the writer's settings."""
+        return sql.SQL("pg_catalog.jsonb_build_object({})::text").format(
+            sql.SQL(", ").join(sql.SQL("{}, {}").format(sql.Literal(k), column(k)) for k in t.key_columns))
+
+    def where(self, t: Table, side: str) -> sql.Composable:
+        """HQ rows outside the branch's filter are not the branch's business."""
+        if side == "branch" or not t.filter:
+            return sql.SQL("true")
+        flt = parse_filter(t.qualified, t.filter, t.hq_columns)
+        return sql.SQL("({}) IS TRUE").format(render(flt, self.params, sql.Identifier))
+
+    @staticmethod
+    def key_match(t: Table) -> sql.Composable:
+        """`key IN (keys passed as a JSON array of key objects)`, each value cast to its column's type."""
+        keys = sql.SQL(", ").join(map(sql.Identifier, t.key_columns))
+        col = jsonb_column(sql.SQL("k.e"), t.hq_columns)
+        return sql.SQL("({k}) IN (SELECT {v} FROM pg_catalog.jsonb_array_elements(%s::jsonb) AS k(e))").format(
+            k=keys, v=sql.SQL(", ").join(col(k) for k in t.key_columns))
+
+    # ---------------------------------------------------------- passes
+    def _both(self, query_for) -> tuple[list, list]:
+        """Run a query on HQ and on the branch at the same time (each its own server)."""
+        with ThreadPoolExecutor(2) as pool:
+            futs = [pool.submit(lambda c, s: c.execute(*query_for(s)).fetchall(), conn, side)
+                    for conn, side in ((self.hq, "hq"), (self.branch, "branch"))]
+            return futs[0].result(), futs[1].result()
+
+    def buckets_for(self, t: Table) -> int:
+        """About 256 rows per bucket (from HQ's statistics), 16 to 65536 buckets."""
+        est = self.hq.execute("SELECT reltuples FROM pg_class WHERE oid = to_regclass(format('%%I.%%I', %s::text, "
+                              "%s::text))", (t.schema, t.name)).fetchone()
+        n = 1024 * 256 if est is None or est[0] < 0 else int(est[0])
+        return 1 << max(4, min(16, (n // 256).bit_length()))
+
+    def first_pass(self, t: Table, tr: TableReport) -> dict[str, tuple]:
+        """Bucket sums, then key lists of differing buckets: {key: (hq hash, branch hash)}."""
+        n = self.buckets_for(t)
+        hq_b, br_b = self._both(lambda side: (sql.SQL(
+            "SELECT b, count(*), sum(h) FROM (SELECT {b} AS b, {h} AS h FROM {t} WHERE {w}) s GROUP BY b").format(
+            b=self.bucket(t, n), h=self.row_hash(t), t=t.ident, w=self.where(t, side)),))
+        hq_b = {b: (c, s) for b, c, s in hq_b}
+        br_b = {b: (c, s) for b, c, s in br_b}
+        tr.hq_rows = sum(c for c, _ in hq_b.values())
+        tr.branch_rows = sum(c for c, _ in br_b.values())
+        differ = sorted(b for b in set(hq_b) | set(br_b) if hq_b.get(b) != br_b.get(b))
+        log.info("%s: %d HQ rows, %d branch rows, %d of %d buckets differ", t.qualified, tr.hq_rows,
+                 tr.branch_rows, len(differ), n)
+        if not differ:
+            return {}
+        hq_k, br_k = self._both(lambda side: (sql.SQL(
+            "SELECT {k}, {h} FROM {t} WHERE {b} = ANY(%s::int[]) AND {w}").format(
+            k=self.key_text(t), h=self.row_hash(t), t=t.ident, b=self.bucket(t, n), w=self.where(t, side)),
+            (differ,)))
+        return _diff(dict(hq_k), dict(br_k))
+
+    def rows_for_keys(self, conn: psycopg.Connection, t: Table, side: str, keys: list[str]) -> dict[str, int]:
+        out = {}
+        q = sql.SQL("SELECT {k}, {h} FROM {t} WHERE {m} AND {w}").format(
+            k=self.key_text(t), h=self.row_hash(t), t=t.ident, m=self.key_match(t), w=self.where(t, side))
+        for chunk in _chunks(keys):
+            out.update(conn.execute(q, (self._key_objects(t, chunk),)).fetchall())
+        return out
+
+    @staticmethod
+    def _key_objects(t: Table, keys: list[str]) -> str:
+        return "[" + ",".join(keys) + "]"    # key texts are JSON objects already: no float round trip
+
+    def recheck(self, candidates: dict[int, dict]) -> tuple[dict, dict, str]:
+        """Compare candidate keys (per table id) at a consistent point.
+
+        Returns ({table id: {kind: keys}} confirmed, {table id: keys} still in flight, the HQ snapshot).
+        """
+        by_id = {t.id: t for t in self.tables}
+        with self.branch.transaction():
+            pos = state.load_position(self.branch, lock=True)   # apply waits while we read
+            copies = _copy_snapshots(self.branch)
+            branch_rows = {tid: self.rows_for_keys(self.branch, by_id[tid], "branch", list(keys))
+                           for tid, keys in candidates.items()}
+        confirmed, in_flight = {}, {}
+        with self.hq.transaction():
+            self.hq.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            snap = current_snapshot(self.hq)
+            for tid, keys in candidates.items():
+                t = by_id[tid]
+                hq_rows = self.rows_for_keys(self.hq, t, "hq", list(keys))
+                differ = _diff(hq_rows, branch_rows[tid], among=keys)
+                busy, truncated = self.pending_keys(t, pos.snapshot, snap, copies.get(t.qualified))
+                in_flight[tid] = {k: v for k, v in differ.items() if truncated or k in busy}
+                confirmed[tid] = _classify({k: v for k, v in differ.items() if k not in in_flight[tid]})
+        return confirmed, in_flight, snap
+
+    def pending_keys(self, t: Table, position: str, snap: str, copy: str | None) -> tuple[set[str], bool]:
+        """Keys of `t` with changes in (position, snap] that the stream will still apply,
+        and whether a TRUNCATE is among them.  Mirrors reader.LogReader's rules."""
+        cond = [sql.SQL("true")]
+        if t.filter:
+            flt = parse_filter(t.qualified, t.filter, t.hq_columns)
+            new = render(flt, self.params, jsonb_column(sql.SQL("l.row"), t.hq_columns))
+            old = render(flt, self.params, jsonb_column(sql.SQL("l.old_row"), t.hq_columns))
+            cond = [sql.SQL("(l.op = 'T' OR ({new}) IS TRUE OR (l.op = 'U' AND (l.old_row IS NULL OR ({old}) IS TRUE)))")
+                    .format(new=new, old=old)]
+        if copy:
+            cond.append(sql.SQL("NOT pg_visible_in_snapshot(l.xid, {}::pg_snapshot)").format(sql.Literal(copy)))
+        col = jsonb_column(sql.SQL("l.row"), t.hq_columns)
+        q = sql.SQL("""
+SELECT DISTINCT CASE WHEN l.op = 'T' THEN NULL ELSE {key} END
+  FROM replication.change_log l
+ WHERE l.table_id = %(tid)s
+   AND l.xid >= pg_snapshot_xmin(%(prev)s::pg_snapshot) AND l.xid < pg_snapshot_xmax(%(cur)s::pg_snapshot)
+   AND pg_visible_in_snapshot(l.xid, %(cur)s::pg_snapshot)
+   AND NOT pg_visible_in_snapshot(l.xid, %(prev)s::pg_snapshot)
+   AND {cond}""").format(key=self.key_text(t, col), cond=sql.SQL(" AND ").join(cond))
+        rows = self.hq.execute(q, {"tid": t.id, "prev": position, "cur": snap}).fetchall()
+        keys = {r[0] for r in rows}
+        truncated = None in keys
+        keys.discard(None)
+        return keys, truncated
+
+    # ---------------------------------------------------------- waiting
+    def replicator_running(self) -> bool:
+        """Is a `replicator run` holding this branch's lock?"""
+        return self.branch.execute(
+            """SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = 1
+                    AND objsubid = 2 AND granted
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))""",
+            (LOCK_KEY,)).fetchone()[0]
+
+    def wait_for(self, target: str, deadline: float) -> bool:
+        """Wait until the branch position covers `target`; False on timeout or no replicator."""
+        while True:
+            pos = state.load_position(self.branch)
+            if pos.window_snapshot is None and covers(self.hq, pos.snapshot, target):
+                return True
+            if time.monotonic() >= deadline or not self.replicator_running():
+                return False
+            time.sleep(0.1)
+
+    # ---------------------------------------------------------- repair
+    def recopy(self, t: Table, keys: list[str]) -> None:
+        """Delete `keys` on the branch and insert HQ's rows for them (caller holds both transactions)."""
+        cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
+        fetch = sql.SQL("SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s)), '[]')::text "
+                        "FROM (SELECT {c} FROM {t} WHERE {m} AND {w}) s").format(
+            c=cols, t=t.ident, m=self.key_match(t), w=self.where(t, "hq"))
+        delete = sql.SQL("DELETE FROM {t} WHERE {m}").format(t=t.ident, m=self.key_match(t))
+        overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if t.identity_always else sql.SQL("")
+        insert = sql.SQL("INSERT INTO {t} ({c}) {o}SELECT {c} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, "
+                         "%s::jsonb)").format(t=t.ident, c=cols, o=overriding)
+        for chunk in _chunks(keys):
+            objs = self._key_objects(t, chunk)
+            rows = self.hq.execute(fetch, (objs,)).fetchone()[0]
+            self.branch.execute(delete, (objs,))
+            self.branch.execute(insert, (rows,))
+
+
+# ------------------------------------------------------------------ helpers
+
+def _choose(cfg: BranchConfig, offered, named: list[str]) -> list[str]:
+    """The catalogs to verify: the named ones (which must be selected), else the selection."""
+    selected = select_catalogs(cfg, offered)
+    if not named:
+        return selected
+    check_names(named, offered, cfg.path)
+    outside = [c for c in named if c not in selected]
+    if outside:
+        raise ConfigError(f"catalog {', '.join(outside)} is not selected for this branch", cfg.path, None,
+                          "catalogs")
+    return list(named)
+
+
+def _copy_snapshots(branch: psycopg.Connection) -> dict[str, str | None]:
+    return {name: st.copy_snapshot for name, st in state.table_states(branch).items()}
+
+
+def _diff(hq: dict, branch: dict, among=None) -> dict[str, tuple]:
+    keys = among if among is not None else set(hq) | set(branch)
+    return {k: (hq.get(k), branch.get(k)) for k in keys if hq.get(k) != branch.get(k)}
+
+
+def _classify(differ: dict[str, tuple]) -> dict[str, list[str]]:
+    out = {"missing": [], "extra": [], "different": []}
+    for k, (h, b) in differ.items():
+        out["missing" if b is None else "extra" if h is None else "different"].append(k)
+    return out
+
+
+def sort_keys(keys) -> list[str]:
+    """Keys in natural order (numbers by value), for stable reports."""
+    return sorted(keys, key=lambda k: [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+                                       for v in json.loads(k).values()])
+
+
+def _chunks(keys: list[str]):
+    keys = list(keys)
+    for i in range(0, len(keys), CHUNK_KEYS):
+        yield keys[i:i + CHUNK_KEYS]
+
+
+def format_report(report: VerifyReport) -> list[str]:
+    """Text lines for people: one per table, then the keys that differ (first few of each kind)."""
+    lines = []
+    for t in report.tables:
+        if t.status == "not initialized":
+            lines.append(f"{t.table:<28} not initialized (streamed without a copy; `replicator init {t.catalog}` "
+                         "copies it)")
+            continue
+        if t.status == "equal":
+            lines.append(f"{t.table:<28} equal ({t.hq_rows} rows)")
+            continue
+        counts = [f"{len(getattr(t, k))} {label}" for k, label in
+                  (("missing", "missing on the branch"), ("extra", "extra on the branch"),
+                   ("different", "different"), ("pending", "not yet applied")) if getattr(t, k)]
+        lines.append(f"{t.table:<28} DIFFERENT: {', '.join(counts)} (HQ {t.hq_rows} rows, branch "
+                     f"{t.branch_rows})")
+        for kind in ("missing", "extra", "different", "pending"):
+            keys = getattr(t, kind)
+            if keys:
+                shown = "; ".join(_show_key(t.key_columns, k) for k in keys[:SHOW_KEYS])
+                more = f"; ... {len(keys) - SHOW_KEYS} more" if len(keys) > SHOW_KEYS else ""
+                lines.append(f"    {kind}: {shown}{more}")
+    if any(t.pending for t in report.tables):
+        why = "the replicator is not running" if not report.replicator_running else \
+            "the branch did not catch up in time"
+        lines.append(f"rows 'not yet applied' have HQ changes the branch has not applied ({why}); "
+                     "they converge once `replicator run` catches up")
+    compared = [t for t in report.tables if t.status != "not initialized"]
+    differing = [t for t in compared if t.status == "different"]
+    if differing:
+        lines.append(f"differences in {len(differing)} of {len(compared)} tables")
+    else:
+        lines.append(f"branch {report.branch} equals HQ ({len(compared)} tables compared in "
+                     f"{report.seconds:.1f} s)")
+    return lines
+
+
+def _show_key(columns: list[str], key: str) -> str:
+    return ", ".join(f"{c}={v}" for c, v in key_dict(columns, key).items())

@@ -1,0 +1,322 @@
+"""`replicator run` as a long-lived process: wake-ups, signals, the lock, outages.
+
+Every test starts the real command in a subprocess (`python -m replicator run`)
+and reads its stderr, because what is under test is the process: how fast it
+wakes, how it exits, what it logs while a server is gone.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from harness import Branch, assert_same, make_setup
+from replicator.cluster import Cluster, Database
+from replicator.hq import role_name
+
+SCHEMA = """
+CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, price numeric(12,2));
+"""
+CATALOGS = {"items": {"label": "Artículos", "default": True, "tables": ["public.items"]}}
+
+
+class Daemon:
+    """A running `replicator run` whose stderr is collected line by line."""
+
+    def __init__(self, branch: Branch, *args: str):
+        self.proc = branch.popen("run", *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in list(self.lines))
+
+    def wait_for(self, text: str, timeout: float = 15) -> None:
+        """Until a log line contains `text`; fail at once if the process died."""
+        deadline = time.monotonic() + timeout
+        while self.count(text) == 0:
+            assert self.proc.poll() is None, f"replicator exited {self.proc.returncode}:\n{self.log}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.log}"
+            time.sleep(0.05)
+
+    def signal(self, signum: int = signal.SIGTERM, timeout: float = 5) -> float:
+        """Send `signum`; return the seconds until the process exited (fails past `timeout`)."""
+        start = time.monotonic()
+        self.proc.send_signal(signum)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {timeout} s after {signal.Signals(signum).name}:\n{self.log}")
+        self._reader.join(5)
+        return time.monotonic() - start
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@contextmanager
+def daemon(branch: Branch, *args: str):
+    d = Daemon(branch, *args)
+    try:
+        yield d
+    finally:
+        d.kill()
+
+
+def wait_until(predicate, timeout: float, what: str) -> float:
+    """Poll `predicate` every 20 ms; return the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def has_item(db: Database, item_id: int) -> bool:
+    return bool(db.scalar("SELECT count(*) FROM items WHERE id = %s", (item_id,)))
+
+
+def position(db: Database) -> dict:
+    row = db.execute("SELECT snapshot::text, window_snapshot::text, window_last_id, applied_changes "
+                     "FROM replication.position")[0]
+    return dict(zip(("snapshot", "window_snapshot", "window_last_id", "applied_changes"), row))
+
+
+@pytest.fixture
+def world(tmp_path):
+    """make(hq, branch_db, **branch_yaml_extra) -> an initialized Branch; roles dropped afterwards.
+
+    Tests list it after the database fixtures, so it is torn down while their databases exist."""
+    made = []
+
+    def make(hq: Database, db: Database, **extra) -> Branch:
+        where = tmp_path / uuid.uuid4().hex[:6]
+        where.mkdir()
+        s = make_setup(where, hq, CATALOGS, SCHEMA, [db])
+        b = s.add_branch(f"d-{uuid.uuid4().hex[:8]}", db, **extra)
+        made.append((hq, b.name))
+        hq.execute("INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 10) g")
+        b.init()
+        return b
+
+    yield make
+    for hq, name in made:
+        try:
+            role = sql.Identifier(role_name(name))
+            hq.execute(sql.SQL("DROP OWNED BY {}").format(role))
+            hq.execute(sql.SQL("DROP ROLE {}").format(role))
+        except psycopg.Error:
+            pass   # the cluster is gone (scratch) or the role was never made
+
+
+# ------------------------------------------------------------ waking up
+
+def test_notify_wakes_the_branch_at_once_and_sigterm_exits_0(hq, branch_a, world):
+    """poll_interval is 60 s, so a change that arrives within 2 s was announced by NOTIFY."""
+    b = world(hq, branch_a, poll_interval="60s")
+    with daemon(b) as d:
+        d.wait_for("replicating 1 tables")
+        wait_until(lambda: position(branch_a)["window_snapshot"] is None, 5, "idle")
+        time.sleep(0.3)   # let it settle into its 60 s wait
+        for i in (101, 102, 103):
+            hq.execute("INSERT INTO items VALUES (%s, 'notified', 1)", (i,))
+            took = wait_until(lambda: has_item(branch_a, i), 2.0, f"item {i} on the branch")
+            assert took < 2.0
+            time.sleep(0.2)
+        assert d.signal(signal.SIGTERM) < 5
+    assert d.proc.returncode == 0, d.log
+    assert "Traceback" not in d.log
+    assert "received SIGTERM" in d.log
+    assert position(branch_a)["window_snapshot"] is None
+    assert_same(hq, branch_a, "items")
+
+
+def test_polling_catches_a_change_that_sent_no_notify_and_sigint_exits_0(hq, branch_a, world):
+    """A change logged without NOTIFY (capture trigger bypassed) still arrives within the poll interval."""
+    b = world(hq, branch_a, poll_interval="1s")
+    table_id = hq.scalar("SELECT id FROM replication.tables WHERE table_name = 'items'")
+    with daemon(b) as d, hq.connect() as listener:
+        d.wait_for("replicating 1 tables")
+        listener.execute("LISTEN replicator")
+        with hq.connect(autocommit=False) as conn:
+            # replica mode: the capture trigger (and its pg_notify) does not fire; log the change by hand
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.execute("INSERT INTO items VALUES (201, 'silent', 2)")
+            conn.execute("INSERT INTO replication.change_log (table_id, op, row) "
+                         "SELECT %s, 'I', to_jsonb(i) FROM items i WHERE id = 201", (table_id,))
+        assert list(listener.notifies(timeout=0.3)) == [], "the change must not notify"
+        wait_until(lambda: has_item(branch_a, 201), 3.0, "silent change on the branch")
+        assert d.signal(signal.SIGINT) < 5
+    assert d.proc.returncode == 0, d.log
+    assert "received SIGINT" in d.log and "Traceback" not in d.log
+    assert position(branch_a)["window_snapshot"] is None
+    assert_same(hq, branch_a, "items")
+
+
+# ------------------------------------------------------------ one run per branch
+
+def test_second_run_on_the_same_branch_is_refused_naming_the_holder(hq, branch_a, world):
+    b = world(hq, branch_a, poll_interval="60s")
+    with daemon(b) as d:
+        d.wait_for("replicating 1 tables")
+        for args in (("run",), ("run", "--once")):
+            r = b.cli(*args, timeout=30)
+            assert r.returncode == 1, (r.returncode, r.stderr)
+            lines = r.stderr.splitlines()
+            assert len(lines) == 1, lines
+            assert lines[0].startswith("error: another replicator is already working on this branch database: ")
+            assert f"'replicator run {b.name} pid {d.proc.pid}'" in lines[0]
+            assert "stop it first" in lines[0]
+        assert d.proc.poll() is None, "the first one keeps running"
+        assert d.signal() < 5
+    assert d.proc.returncode == 0
+    # the lock went with the process: the next run works
+    r = b.cli("run", "--once")
+    assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------ stopping mid catch-up
+
+@pytest.mark.slow
+def test_sigterm_during_a_large_catch_up_finishes_the_chunk_and_exits_0(hq, branch_a, world):
+    b = world(hq, branch_a, poll_interval="60s", batch_rows=500)
+    base = position(branch_a)["applied_changes"]
+    hq.execute("INSERT INTO items SELECT g, 'bulk ' || g, g FROM generate_series(1001, 61000) g")
+    with daemon(b) as d:
+        wait_until(lambda: position(branch_a)["applied_changes"] - base >= 1000, 30, "catch-up under way")
+        assert d.signal(signal.SIGTERM) < 5
+    assert d.proc.returncode == 0, d.log
+    assert "Traceback" not in d.log
+    pos = position(branch_a)
+    applied = pos["applied_changes"] - base
+    # stopped inside the window, on a chunk boundary, with rows and position agreeing
+    assert pos["window_snapshot"] is not None, "it should have stopped before the end of the backlog"
+    assert 0 < applied < 60_000 and applied % 500 == 0, applied
+    assert branch_a.scalar("SELECT count(*) FROM items WHERE id > 1000") == applied
+    assert "stopping inside a window" in d.log
+    # and the next run resumes exactly there
+    r = b.cli("run", "--once")
+    assert r.returncode == 0, r.stderr
+    assert position(branch_a)["window_snapshot"] is None
+    assert_same(hq, branch_a, "items")
+
+
+# ------------------------------------------------------------ --once
+
+def test_run_once_exits_0_while_hq_keeps_writing(hq, branch_a, world):
+    b = world(hq, branch_a)
+    stop = threading.Event()
+    committed = []
+
+    def writer():
+        with hq.connect() as conn:
+            i = 10_000
+            while not stop.is_set():
+                i += 1
+                conn.execute("INSERT INTO items VALUES (%s, 'stream', 1)", (i,))
+                committed.append(i)
+                time.sleep(0.002)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: len(committed) > 50, 10, "writer started")
+        before_start = committed[-1]
+        r = b.cli("run", "--once", timeout=30)
+        assert t.is_alive() and not stop.is_set(), "HQ was still writing when --once finished"
+    finally:
+        stop.set()
+        t.join(10)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    missing = branch_a.scalar("SELECT count(*) FROM generate_series(10001, %s) g "
+                              "WHERE NOT EXISTS (SELECT FROM items WHERE id = g)", (before_start,))
+    assert missing == 0, "everything committed before the start must be there"
+    assert b.cli("run", "--once").returncode == 0
+    assert_same(hq, branch_a, "items")
+
+
+# ------------------------------------------------------------ outages
+
+def _outage_log_ok(d: Daemon, side: str) -> None:
+    assert d.count(f"lost connection to {side}") == 1, d.log
+    assert d.count("WARNING") == 1, d.log
+    assert d.count("reconnected after") == 1, d.log
+    assert d.count("ERROR") == 0 and "Traceback" not in d.log, d.log
+
+
+@pytest.mark.slow
+def test_hq_restart_one_warning_then_reconnected(scratch_cluster: Cluster, branch_a, world):
+    hq = scratch_cluster.create_database("hq_outage")
+    b = world(hq, branch_a, poll_interval="1s")
+    with daemon(b) as d:
+        d.wait_for("replicating 1 tables")
+        hq.execute("INSERT INTO items VALUES (301, 'before', 1)")
+        wait_until(lambda: has_item(branch_a, 301), 5, "change before the outage")
+        scratch_cluster.stop("immediate")
+        time.sleep(2.5)   # several retries happen in here
+        assert d.proc.poll() is None, d.log
+        scratch_cluster.start()
+        d.wait_for("reconnected after", timeout=20)
+        hq.execute("INSERT INTO items VALUES (302, 'after', 1)")
+        wait_until(lambda: has_item(branch_a, 302), 5, "change after the restart")
+        assert d.signal() < 5
+    assert d.proc.returncode == 0, d.log
+    _outage_log_ok(d, "HQ")
+    assert f"127.0.0.1:{scratch_cluster.port}/hq_outage" in d.log   # says which server
+    assert_same(hq, branch_a, "items")
+
+
+@pytest.mark.slow
+def test_branch_restart_one_warning_then_reconnected(hq, scratch_cluster: Cluster, world):
+    db = scratch_cluster.create_database("branch_outage")
+    b = world(hq, db, poll_interval="1s")
+    with daemon(b) as d:
+        d.wait_for("replicating 1 tables")
+        scratch_cluster.stop("immediate")
+        hq.execute("INSERT INTO items VALUES (401, 'during', 1)")   # wakes it: the branch is gone
+        time.sleep(2.5)   # several retries happen in here
+        assert d.proc.poll() is None, d.log
+        scratch_cluster.start()
+        wait_until(lambda: has_item(db, 401), 20, "change made during the outage")
+        hq.execute("INSERT INTO items VALUES (402, 'after', 1)")
+        wait_until(lambda: has_item(db, 402), 5, "change after the restart")
+        assert d.signal() < 5
+    assert d.proc.returncode == 0, d.log
+    _outage_log_ok(d, "branch")
+    assert_same(hq, db, "items")
+
+
+def test_branch_table_altered_while_running_stops_with_one_line(hq, branch_a, world):
+    """A schema change under a running replicator: named, rolled back, exit 1, no traceback."""
+    b = world(hq, branch_a, poll_interval="60s")
+    with daemon(b) as d:
+        d.wait_for("replicating 1 tables")
+        before = position(branch_a)
+        branch_a.execute("ALTER TABLE items DROP COLUMN price")
+        hq.execute("UPDATE items SET price = 5 WHERE id = 1")
+        d.proc.wait(15)
+        d._reader.join(5)
+    assert d.proc.returncode == 1, d.log
+    assert "Traceback" not in d.log, d.log
+    assert d.lines[-1] == ("error: schema mismatch on public.items.price: column missing on the branch; "
+                           "add it with the HQ type numeric(12,2)"), d.log
+    assert position(branch_a) == before
