@@ -240,7 +240,7 @@ class Session:
 def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = None) -> int:
     """Keep the branch in step until stopped; with once=True catch up and return."""
     stop = stop or threading.Event()
-    _install_signal_handlers(stop)
+    previous = _install_signal_handlers(stop)
     session = Session(cfg)
     session.stop = stop
     outage_since = None
@@ -272,6 +272,7 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
         return 0
     finally:
         session.close()
+        _restore_signal_handlers(previous)
 
 
 def _caught_up(session: Session, target: str) -> bool:
@@ -336,14 +337,22 @@ def _outage(session: Session, e: Exception, since: float | None, stop: threading
     return since
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT finish the current transaction, then exit 0."""
+def _install_signal_handlers(stop: threading.Event) -> dict:
+    """SIGTERM/SIGINT finish the current transaction, then exit 0.
+
+    Returns the handlers they replace: run() puts them back, so a caller that
+    runs the loop in-process (tests, the demo) can still be interrupted after it.
+    """
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
 
     def handler(signum, _frame):
         log.info("received %s; finishing the current transaction", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signal_handlers(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -137,11 +137,22 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts
                         break
 
 
+# Key types whose text depends on the writer's TimeZone: compared by value instead.
+_ZONED = {"timestamp with time zone": sql.SQL("timestamptz"), "time with time zone": sql.SQL("timetz")}
+
+
+def _key_part(t: Table, column: str) -> sql.Composable:
+    """One key column's text, the same for every writer session (it only groups changes)."""
+    text = sql.SQL("(l.row ->> {})").format(sql.Literal(column))
+    zoned = _ZONED.get(t.hq_columns.get(column, ""))
+    return sql.SQL("({}::pg_catalog.{})::text").format(text, zoned) if zoned else text
+
+
 def _key_expr(t: Table) -> sql.Composable:
     if len(t.key_columns) == 1:
-        return sql.SQL("l.row ->> {}").format(sql.Literal(t.key_columns[0]))
-    parts = sql.SQL(", ").join(sql.SQL("l.row -> {}").format(sql.Literal(k)) for k in t.key_columns)
-    return sql.SQL("jsonb_build_array({})::text").format(parts)
+        return _key_part(t, t.key_columns[0])
+    parts = sql.SQL(", ").join(_key_part(t, k) for k in t.key_columns)
+    return sql.SQL("pg_catalog.jsonb_build_array({})::text").format(parts)
 
 
 def backlog(conn: psycopg.Connection, position: str, table_ids: list[int]) -> tuple[int, object]:

@@ -143,11 +143,32 @@ class Daemon:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, no last transaction, like a power cut of the process."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+    def kill(self, settle: bool = True) -> None:
+        """SIGKILL: no cleanup, no last transaction, like a power cut of the process.
+
+        With settle, also wait until the branch server has ended the dead process's
+        session (it notices at its next read from the socket, so a statement in
+        progress finishes first): until then that session still holds the
+        replicator lock and a new `replicator run` refuses to start, which is why
+        a supervisor restarts it after a delay."""
+        if not self.alive():
+            return
+        pid = self.proc.pid
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        if settle:
+            self._wait_session_gone(pid)
+
+    def _wait_session_gone(self, pid: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not self.branch.db.scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name "
+                                             "LIKE %s", (f"replicator run % pid {pid}",)):
+                    return
+            except psycopg.OperationalError:
+                return    # the branch server is down: its sessions are gone too
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 20) -> int:
         """SIGTERM and wait: the daemon finishes its transaction and exits 0."""
@@ -157,7 +178,7 @@ class Daemon:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.kill()
+            self.kill(settle=False)
             return -9
 
     def log(self, lines: int = 40) -> str:

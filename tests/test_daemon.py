@@ -320,3 +320,13 @@ def test_branch_table_altered_while_running_stops_with_one_line(hq, branch_a, wo
     assert d.lines[-1] == ("error: schema mismatch on public.items.price: column missing on the branch; "
                            "add it with the HQ type numeric(12,2)"), d.log
     assert position(branch_a) == before
+
+
+def test_in_process_run_gives_the_signal_handlers_back(hq, branch_a, world):
+    """run() takes SIGTERM/SIGINT only while it runs: a host process (tests, the demo) stays interruptible."""
+    b = world(hq, branch_a)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    hq.execute("INSERT INTO items VALUES (501, 'in-process', 1)")
+    assert b.run_once() == 0
+    assert has_item(branch_a, 501)
+    assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} == before

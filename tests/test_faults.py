@@ -61,7 +61,7 @@ class Kit:
         for w in self.writers:
             w.stop()
         for d in self.daemons:
-            d.kill()
+            d.kill(settle=False)
         for w in self.worlds:
             w.close()
             for name in w.branches:

@@ -146,13 +146,6 @@ DECLARE
     exact    text[];         -- columns whose to_jsonb() form is not exact: they travel as text
     new_txt  text;
     old_txt  text;
-    -- The row images must not depend on the writing session: floats with all their
-    -- digits (extra_float_digits = 0 would round them), ranges and composites with ISO
-    -- dates, intervals in the postgres style, and timestamptz keys in one zone, so that
-    -- the same key always has the same text.
-    settings text := 'SET search_path = pg_catalog, pg_temp SET TimeZone = ''UTC'' '
-                     'SET DateStyle = ''ISO, MDY'' SET IntervalStyle = ''postgres'' '
-                     'SET extra_float_digits = 3 SET bytea_output = ''hex''';
 BEGIN
     IF rel IS NULL THEN
         RAISE EXCEPTION 'table %.% does not exist on HQ', p_schema, p_table
@@ -187,7 +180,7 @@ BEGIN
     RETURNING id INTO tid;
 
     fn := format('replication.%I', 'capture_' || tid);
-    SELECT string_agg(format('o.%1$I = n.%1$I', k), ' AND ') INTO same_key FROM unnest(keys) AS k;
+    SELECT string_agg(format('o.%1$I OPERATOR(pg_catalog.=) n.%1$I', k), ' AND ') INTO same_key FROM unnest(keys) AS k;
     IF cardinality(p_exclude) > 0 THEN
         new_img := format('(pg_catalog.to_jsonb(n.*) OPERATOR(pg_catalog.-) %L::text[])', p_exclude);
         old_img := format('(pg_catalog.to_jsonb(o.*) OPERATOR(pg_catalog.-) %L::text[])', p_exclude);
@@ -219,19 +212,39 @@ BEGIN
         upd_old := old_img;   -- lets a branch see a row leave its filter
     END IF;
 
+    -- The images must not depend on the writing session's settings (a float with
+    -- extra_float_digits = 0 loses digits; DateStyle, IntervalStyle and bytea_output
+    -- change text forms).  Function-level SET clauses would cost every write a GUC
+    -- save/restore; instead the rare session with unusual settings takes a slow path
+    -- that pins them for the capture statement and restores them.  TimeZone does not
+    -- matter: every text form carries its offset, and readers compare keys by value.
     body := format($f$
+DECLARE
+    saved text[];
 BEGIN
+    IF pg_catalog.current_setting('DateStyle') NOT LIKE 'ISO%%'
+       OR pg_catalog.current_setting('IntervalStyle') OPERATOR(pg_catalog.<>) 'postgres'
+       OR pg_catalog.current_setting('extra_float_digits') OPERATOR(pg_catalog.<) '1'
+       OR pg_catalog.current_setting('bytea_output') OPERATOR(pg_catalog.<>) 'hex' THEN
+        saved := ARRAY[pg_catalog.current_setting('DateStyle'), pg_catalog.current_setting('IntervalStyle'),
+                       pg_catalog.current_setting('extra_float_digits'), pg_catalog.current_setting('bytea_output')];
+        PERFORM pg_catalog.set_config('DateStyle', 'ISO, MDY', true),
+                pg_catalog.set_config('IntervalStyle', 'postgres', true),
+                pg_catalog.set_config('extra_float_digits', '3', true),
+                pg_catalog.set_config('bytea_output', 'hex', true);
+    END IF;
     IF TG_OP = 'INSERT' THEN
         INSERT INTO replication.change_log (table_id, op, row)
         SELECT %1$s, 'I', %2$s FROM new_rows n;
     ELSIF TG_OP = 'UPDATE' THEN
-        -- a primary-key change: the old key is deleted, the new one upserted
-        INSERT INTO replication.change_log (table_id, op, row)
-        SELECT %1$s, 'D', %3$s FROM old_rows o
-         WHERE NOT EXISTS (SELECT FROM new_rows n WHERE %4$s);
+        -- One pass: a changed row is an upsert of its new image; an old key absent from
+        -- the new rows (a primary-key change) is a delete; an unchanged row is nothing.
         INSERT INTO replication.change_log (table_id, op, row, old_row)
-        SELECT %1$s, 'U', %2$s, %5$s FROM new_rows n LEFT JOIN old_rows o ON %4$s
-         WHERE o.* IS NULL OR NOT (o.* OPERATOR(pg_catalog.*=) n.*);
+        SELECT %1$s, CASE WHEN n.* IS NULL THEN 'D' ELSE 'U' END,
+               CASE WHEN n.* IS NULL THEN %3$s ELSE %2$s END,
+               CASE WHEN n.* IS NULL THEN NULL::pg_catalog.jsonb ELSE %5$s END
+          FROM new_rows n FULL JOIN old_rows o ON %4$s
+         WHERE n.* IS NULL OR o.* IS NULL OR NOT (o.* OPERATOR(pg_catalog.*=) n.*);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO replication.change_log (table_id, op, row)
         SELECT %1$s, 'D', %3$s FROM old_rows o;
@@ -239,6 +252,12 @@ BEGIN
         INSERT INTO replication.change_log (table_id, op) VALUES (%1$s, 'T');
     END IF;
     PERFORM pg_catalog.pg_notify('replicator', '');
+    IF saved IS NOT NULL THEN
+        PERFORM pg_catalog.set_config('DateStyle', saved[1], true),
+                pg_catalog.set_config('IntervalStyle', saved[2], true),
+                pg_catalog.set_config('extra_float_digits', saved[3], true),
+                pg_catalog.set_config('bytea_output', saved[4], true);
+    END IF;
     RETURN NULL;
 END$f$, tid, new_img, old_img, same_key, upd_old);
 
@@ -246,14 +265,16 @@ END$f$, tid, new_img, old_img, same_key, upd_old);
         SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) INTO readable FROM pg_attribute
          WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attname <> ALL (p_exclude);
     END IF;
-    sig := md5(body || rel::text || coalesce(readable, '') || settings);
+    sig := md5(body || rel::text || coalesce(readable, ''));
     IF sig IS NOT DISTINCT FROM (SELECT signature FROM replication.tables WHERE id = tid)
        AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = rel AND tgname LIKE 'replicator_capture_%') = 4 THEN
         RETURN tid;
     END IF;
 
+    -- SECURITY DEFINER: writers need no rights on the log.  No SET search_path (it
+    -- would cost a GUC save/restore per write): every name in the body is qualified.
     EXECUTE format('CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
-                   '%s AS %L', fn, settings, body);
+                   'AS %L', fn, body);
     EXECUTE format('COMMENT ON FUNCTION %s() IS %L', fn, 'replicator: capture for ' || rel::text);
     EXECUTE format('DROP TRIGGER IF EXISTS replicator_capture_ins ON %s', rel);
     EXECUTE format('DROP TRIGGER IF EXISTS replicator_capture_upd ON %s', rel);
@@ -314,3 +335,36 @@ REVOKE ALL ON FUNCTION replication.attach_table(text, name, name, text, text[]) 
 REVOKE ALL ON FUNCTION replication.detach_table(int) FROM PUBLIC;
 REVOKE ALL ON FUNCTION replication.retire_others(text[], text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION replication.define_catalog(text, text, boolean) FROM PUBLIC;
+
+-- Capture functions name some columns (those that travel as text).  After an
+-- ALTER TABLE on a captured table, regenerate its capture so HQ writes never
+-- fail because of replication (DESIGN §3.4).  A failure here only warns: the
+-- DBA's DDL must go through.  Event triggers need a superuser; without one the
+-- DBA re-runs `replicator hq install` after DDL on catalog tables.
+CREATE FUNCTION replication.on_ddl()
+RETURNS event_trigger LANGUAGE plpgsql AS $$
+DECLARE
+    t replication.tables;
+BEGIN
+    FOR t IN SELECT DISTINCT rt.* FROM pg_event_trigger_ddl_commands() c
+               JOIN replication.tables rt
+                 ON rt.active AND c.classid = 'pg_catalog.pg_class'::regclass
+                AND c.objid = to_regclass(format('%I.%I', rt.schema_name, rt.table_name)) LOOP
+        BEGIN
+            PERFORM replication.attach_table(t.catalog, t.schema_name, t.table_name, t.filter, t.exclude_columns);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE WARNING 'replicator: could not refresh capture of %.%: %; run `replicator hq install`',
+                t.schema_name, t.table_name, SQLERRM;
+        END;
+    END LOOP;
+END $$;
+
+DO $$
+BEGIN
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        CREATE EVENT TRIGGER replicator_ddl ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+            EXECUTE FUNCTION replication.on_ddl();
+    ELSE
+        RAISE NOTICE 'replicator: not a superuser, no DDL event trigger; re-run `replicator hq install` after ALTER TABLE on catalog tables';
+    END IF;
+END $$;
