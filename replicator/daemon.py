@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x7265706C  # 'repl': pg_advisory_lock(LOCK_KEY, 1) marks a running replicator
 CHANNEL = "replicator"
+LOCK_WAIT = 5.0          # seconds to wait for the run lock of a replicator that just died
 ACK_INTERVAL = 1.0       # seconds between position reports for empty windows
 
 
@@ -73,9 +74,16 @@ class Session:
         self.hq = self.branch = self.listener = None
 
     def _lock(self) -> None:
-        got = self.branch.execute("SELECT pg_try_advisory_lock(%s, 1)", (LOCK_KEY,)).fetchone()[0]
-        if got:
-            return
+        """One run per branch database.  A replicator killed a moment ago may still hold
+        the lock until its backend notices (end of its current statement): wait a little
+        before calling the holder a live process, so a supervisor's restart just works."""
+        deadline = time.monotonic() + LOCK_WAIT
+        while not self.branch.execute("SELECT pg_try_advisory_lock(%s, 1)", (LOCK_KEY,)).fetchone()[0]:
+            if time.monotonic() >= deadline:
+                self._lock_held()
+            time.sleep(0.25)
+
+    def _lock_held(self) -> None:
         holder = self.branch.execute(
             """SELECT a.pid, a.application_name, coalesce(a.client_addr::text, 'local'), a.backend_start
                  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -91,13 +99,14 @@ class Session:
     def load(self) -> None:
         """Resolve the selection against HQ and bind it to the branch tables."""
         pos = state.load_position(self.branch)
+        if pos is not None and getattr(self, "reader", None) is not None \
+                and pos.config_version != self.config_version:
+            self._reread_selection()
+        offered = offered_catalogs(self.hq)
+        names = select_catalogs(self.cfg, offered)      # a bad selection is a config error first
         if pos is None:
             raise NotInitialized(f"branch {self.cfg.branch} has no position yet; run `replicator init -c "
                                  f"{self.cfg.path}` first")
-        if getattr(self, "reader", None) is not None and pos.config_version != self.config_version:
-            self._reread_selection()
-        offered = offered_catalogs(self.hq)
-        names = select_catalogs(self.cfg, offered)
         params = branch_params(self.hq, self.cfg.branch, self.cfg)
         tables = source_tables(self.hq, names)
         bind_target(self.branch, tables)

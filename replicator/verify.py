@@ -401,8 +401,8 @@ class _Context:
             flt = parse_filter(t.qualified, t.filter, t.hq_columns)
             new = render(flt, self.params, jsonb_column(sql.SQL("l.row"), t.hq_columns))
             old = render(flt, self.params, jsonb_column(sql.SQL("l.old_row"), t.hq_columns))
-            cond = [sql.SQL("(l.op = 'T' OR ({new}) IS TRUE OR (l.op = 'U' AND (l.old_row IS NULL OR ({old}) IS TRUE)))")
-                    .format(new=new, old=old)]
+            cond = [sql.SQL("(l.op = 'T' OR ({new}) IS TRUE"
+                            " OR (l.op = 'U' AND (l.old_row IS NULL OR ({old}) IS TRUE)))").format(new=new, old=old)]
         if copy:
             cond.append(sql.SQL("NOT pg_visible_in_snapshot(l.xid, {}::pg_snapshot)").format(sql.Literal(copy)))
         col = jsonb_column(sql.SQL("l.row"), t.hq_columns)

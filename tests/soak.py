@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -53,7 +53,7 @@ for p in (str(REPO), str(TESTS)):
         sys.path.insert(0, p)
 
 from faultproxy import FaultProxy  # noqa: E402
-from harness import Branch, Setup, make_setup, replicator_cli  # noqa: E402
+from harness import Branch, Setup, make_setup  # noqa: E402
 from replicator import sample, state  # noqa: E402
 from replicator.cluster import Cluster, Database  # noqa: E402
 from replicator.reader import covers  # noqa: E402
@@ -373,7 +373,8 @@ class Soak:
         seconds = self.rng.uniform(5, 20) * self.scale
         with self.hq.connect(autocommit=False) as conn:
             # rows the writers never touch: the others must not queue behind its locks
-            conn.execute("UPDATE public.currencies SET decimals = CASE WHEN decimals = 2 THEN 3 ELSE 2 END WHERE code = 'CAD'")
+            conn.execute("UPDATE public.currencies SET decimals = CASE WHEN decimals = 2 THEN 3 ELSE 2 END "
+                         "WHERE code = 'CAD'")
             conn.execute("INSERT INTO public.customers (code, name) VALUES ('L' || pg_current_xact_id()::text, "
                          "'Cliente de la transacción larga')")
             time.sleep(seconds)
@@ -407,7 +408,7 @@ class Soak:
         log.info("fault %-16s %s (%.1f s); caught up %.1f s later", kind, what, ended - started, recovered)
 
 
-def soak(minutes: float, seed: int, size: str, rate: float, base_dir: str | None) -> int:
+def soak(minutes: float, seed: int, size: str, rate: float, base_dir: str | None, keep: bool = False) -> int:
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="replicator-soak-", dir=base_dir))
     started = time.monotonic()
@@ -441,7 +442,10 @@ def soak(minutes: float, seed: int, size: str, rate: float, base_dir: str | None
             s.inject()
         for w in writers:
             w.stop()
-        return _finish(s, tmp, started)
+        result = _finish(s, tmp, started)
+        if result == 0 and not keep:
+            shutil.rmtree(tmp, ignore_errors=True)    # logs are kept when something failed
+        return result
     finally:
         for c in clusters:
             c.cleanup()
@@ -459,7 +463,7 @@ def _finish(s: Soak, tmp: Path, started: float) -> int:
     s.world.close()
     hq_txn = sum(w.transactions for w in s.writers)
     hq_rows = sum(w.rows for w in s.writers)
-    print(f"soak: {(time.monotonic() - started) / 60:.1f} min; logs in {tmp}")
+    print(f"soak: {(time.monotonic() - started) / 60:.1f} min; configs and replicator logs in {tmp}")
     print(f"HQ: {hq_txn:,} transactions changing {hq_rows:,} rows (writer retries through outages: "
           f"{sum(w.errors for w in s.writers)})")
     for name, (equal, report, err) in results.items():
@@ -489,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=["tiny", "small", "demo"], default="small", help="sample chain size")
     ap.add_argument("--rate", type=float, default=80.0, help="HQ transactions per second (default 80)")
     ap.add_argument("--base-dir", default=None, help="where clusters and logs go (default: temp dir)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep configs and replicator logs after a pass")
     ap.add_argument("-v", "--verbose", action="store_true", help="also log the replicator library")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -497,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     print(f"soak: {args.minutes} min, seed {args.seed}, size {args.size}, {args.rate} HQ transactions/s",
           flush=True)
-    return soak(args.minutes, args.seed, args.size, args.rate, args.base_dir)
+    return soak(args.minutes, args.seed, args.size, args.rate, args.base_dir, args.keep_logs)
 
 
 if __name__ == "__main__":

@@ -300,7 +300,7 @@ def test_database_does_not_exist(world: World):
     before = world.snapshot()
     for cmd in (("run", "--once"), ("init",)):
         r = run_cli(*cmd, config=path)
-        assert_rejected(world, before, r, 1, f"cannot connect to branch: postgres@127.0.0.1:",
+        assert_rejected(world, before, r, 1, "cannot connect to branch: postgres@127.0.0.1:",
                         f'database "{missing}" does not exist', "fix dbname in the DSN")
 
 
