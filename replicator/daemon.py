@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import threading
-from contextlib import closing
 import time
 from datetime import datetime, timezone
 
@@ -26,7 +25,7 @@ from . import db, guard, state
 from .apply import Applier
 from .config import BranchConfig
 from .errors import ApplyFailed, ConnectionFailed, LockHeld, NotInitialized, PositionLost, ReplicatorError
-from .reader import LogReader, covers, current_snapshot
+from .reader import LogReader, Prefetch, covers, current_snapshot
 from .schema import bind_target, branch_params, offered_catalogs, select_catalogs, source_tables
 
 log = logging.getLogger(__name__)
@@ -57,6 +56,10 @@ class Session:
     def open(self, listen: bool = True) -> None:
         self.hq = db.connect(self.cfg.source_dsn, "HQ", autocommit=True, application=self.app)
         self.branch = db.connect(self.cfg.target_dsn, "branch", autocommit=True, application=self.app)
+        for conn in (self.hq, self.branch):
+            # Window reads and set-based applies are short, repeated statements whose
+            # planner cost on big logs/batches trips JIT: compiling costs more than it saves.
+            conn.execute("SET jit = off")
         self._lock()
         db.require_version(self.hq, "hq", "HQ")
         if listen:
@@ -160,7 +163,7 @@ class Session:
                 return 0
         self.check_horizon(pos)
         applied, finished, newest, carry = 0, False, None, []
-        with closing(self.reader.window(self.hq, pos.snapshot, cur, after)) as chunks:
+        with Prefetch(self.reader.window(self.hq, pos.snapshot, cur, after)) as chunks:
             for rows in chunks:
                 finished = len(rows) < self.cfg.batch_rows
                 try:

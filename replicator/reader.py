@@ -12,6 +12,8 @@ stays flat whatever the backlog.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -163,3 +165,66 @@ def backlog(conn: psycopg.Connection, position: str, table_ids: list[int]) -> tu
               AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)
               AND table_id = ANY(%s::int[])""", (position, position, table_ids)).fetchone()
     return row[0], row[1]
+
+
+class Prefetch:
+    """Read the next chunk from HQ while the current one is applied on the branch.
+
+    Reading (HQ, network) and applying (branch) are independent: a thread runs
+    the window generator into a small queue, so both servers work at once.  The
+    HQ connection belongs to the thread until the context exits; an error in the
+    thread (HQ gone) is raised in the consumer; leaving early stops the thread
+    and closes the window's transaction on HQ.
+    """
+
+    _END = object()
+
+    def __init__(self, chunks: Iterator[list[tuple]], depth: int = 2):
+        self.chunks = chunks
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="replicator-reader", daemon=True)
+
+    def __enter__(self) -> Iterator[list[tuple]]:
+        self.thread.start()
+        return self._consume()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.05)     # unblock a producer waiting to put
+            except queue.Empty:
+                pass
+        self.thread.join()
+
+    def _produce(self) -> None:
+        try:
+            for rows in self.chunks:
+                if not self._put(rows):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self._put(e)
+        finally:
+            close = getattr(self.chunks, "close", None)
+            if close:
+                close()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _consume(self) -> Iterator[list[tuple]]:
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
