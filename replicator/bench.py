@@ -1013,8 +1013,14 @@ class Poll:
 
 
 def poll_time(hq: Database, reader: LogReader, repeat: int = 21) -> Poll:
-    """Time the window query (plan + execute) for a fresh 10-change window at the log's end."""
+    """Time the window query (plan + execute) for a fresh 10-change window at the log's end.
+
+    The session is set up as `replicator run` sets up its HQ connection (daemon.Session.open:
+    jit = off, since compiling costs milliseconds when a big log's estimate passes
+    jit_above_cost); keep the two in step.
+    """
     with hq.connect() as conn:
+        conn.execute("SET jit = off")
         prev = current_snapshot(conn)
         for i in range(10):
             conn.execute("UPDATE items SET price = price + 1 WHERE id = %s", (i + 1,))
