@@ -16,7 +16,7 @@ from psycopg import sql
 
 from . import db
 from .config import HQConfig
-from .errors import ConfigError, ReplicatorError
+from .errors import ConfigError
 from .filters import parse_filter
 
 log = logging.getLogger(__name__)
@@ -136,10 +136,3 @@ def _check_tables(conn: psycopg.Connection, cfg: HQConfig) -> None:
                 if c not in cols:
                     raise ConfigError(f"catalog {cat.name}: exclude_columns: {t.name} has no column {c}",
                                       cfg.path)
-
-
-def installed_version(conn: psycopg.Connection) -> set[int]:
-    try:
-        return db.applied_versions(conn)
-    except psycopg.Error as e:
-        raise ReplicatorError(f"cannot read HQ's replication schema: {db.explain(e)}") from e

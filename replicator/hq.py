@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from . import db
 from .config import HQConfig
-from .errors import ConfigError, ReplicatorError
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -157,16 +157,6 @@ def _key_expr(t: Table) -> sql.Composable:
     return sql.SQL("pg_catalog.jsonb_build_array({})::text").format(parts)
 
 
-def backlog(conn: psycopg.Connection, position: str, table_ids: list[int]) -> tuple[int, object]:
-    """How many logged changes of these tables the position has not seen, and the oldest one's time."""
-    row = conn.execute(
-        """SELECT count(*), min(ts) FROM replication.change_log
-            WHERE xid >= pg_snapshot_xmin(%s::pg_snapshot)
-              AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)
-              AND table_id = ANY(%s::int[])""", (position, position, table_ids)).fetchone()
-    return row[0], row[1]
-
-
 class Prefetch:
     """Read the next chunk from HQ while the current one is applied on the branch.
 
