@@ -302,7 +302,7 @@ class BranchConfig:
     target_dsn: str
     catalogs: list[str] | None          # None: HQ's default catalogs
     poll_interval: float = 5.0          # seconds between polls when NOTIFY is quiet
-    batch_rows: int = 5000              # rows per apply transaction
+    batch_rows: int = 20000             # changes per apply transaction (bigger: more coalescing)
     lines: dict = field(default_factory=dict, repr=False)   # key -> line in the file
 
     def error(self, key: str, message: str, value: Any = None,
@@ -333,7 +333,7 @@ def load_branch(path: str | Path) -> BranchConfig:
         poll = parse_duration(root.get("poll_interval", (int, str), 5)).total_seconds()
     except ValueError as e:
         raise root.error("poll_interval", str(e)) from None
-    batch = root.get("batch_rows", int, 5000)
+    batch = root.get("batch_rows", int, 20000)
     if batch < 1:
         raise root.error("batch_rows", "must be at least 1", batch)
     return BranchConfig(path=path, branch=branch, source_dsn=source.get("dsn", str),
