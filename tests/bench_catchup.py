@@ -1,7 +1,8 @@
 """Catch-up rate: 100,000 mixed changes queued on HQ while the branch is stopped,
 then `replicator run --once` timed end to end (process start to exit).
 
-Run:  .venv/bin/python tests/bench_catchup.py   (TXNS=600 for 600,000 changes)
+Run:  .venv/bin/python tests/bench_catchup.py
+      (env: TXNS=600 for 600,000 changes, BATCH=5000 for batch_rows, RUNS=1 for one run)
 """
 import os
 import statistics
@@ -50,11 +51,11 @@ TXNS = int(os.environ.get("TXNS", "100"))
 def main() -> None:
     rates = []
     with Cluster("bench-hq") as hq_c, Cluster("bench-branch") as br_c:
-        for rep in range(3):
+        for rep in range(int(os.environ.get("RUNS", "3"))):
             hq, br = hq_c.create_database(f"hq{rep}"), br_c.create_database(f"br{rep}")
             tmp = Path(tempfile.mkdtemp(prefix="bench-catchup-"))
             setup = make_setup(tmp, hq, CATALOGS, SCHEMA, [br])
-            branch = setup.add_branch(f"bench{rep}", br)
+            branch = setup.add_branch(f"bench{rep}", br, batch_rows=int(os.environ.get("BATCH", "20000")))
             branch.init()
             hq.execute(CHURN)
             # warm-up so both tables have rows for updates and deletes from the first measured txn
