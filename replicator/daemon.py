@@ -152,7 +152,7 @@ class Session:
 
     def step(self, target: str | None = None) -> int:
         """Apply one window (up to `target`, or to HQ's current snapshot). Returns changes applied."""
-        pos = state.load_position(self.branch)
+        pos = state.load_position(self.branch, schema_known=True)
         if pos.config_version != self.config_version:
             self.load()
         if pos.window_snapshot:
@@ -193,7 +193,7 @@ class Session:
     def _apply(self, pos: state.Position, cur: str, rows: list[tuple], done: bool) -> int:
         start = time.monotonic()
         with self.branch.transaction():
-            locked = state.load_position(self.branch, lock=True)
+            locked = state.load_position(self.branch, lock=True, schema_known=True)
             if locked.config_version != self.config_version or locked.snapshot != pos.snapshot:
                 raise _Reload()
             stats = self.applier.apply(rows) if rows else None
@@ -288,7 +288,7 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
 
 
 def _caught_up(session: Session, target: str) -> bool:
-    pos = state.load_position(session.branch)
+    pos = state.load_position(session.branch, schema_known=True)
     return pos.window_snapshot is None and covers(session.hq, pos.snapshot, target)
 
 

@@ -49,10 +49,13 @@ def has_schema(conn: psycopg.Connection) -> bool:
     return conn.execute("SELECT to_regclass('replication.position') IS NOT NULL").fetchone()[0]
 
 
-def load_position(conn: psycopg.Connection, lock: bool = False) -> Position | None:
+def load_position(conn: psycopg.Connection, lock: bool = False, schema_known: bool = False
+                  ) -> Position | None:
     """The branch position; with lock=True it is held until the transaction ends,
-    which serializes apply, init and repair on one branch."""
-    if not has_schema(conn):
+    which serializes apply, init and repair on one branch.  schema_known skips the
+    existence check: the apply loop asks several times per window on a branch it
+    already loaded, and each check is a round trip."""
+    if not schema_known and not has_schema(conn):
         return None
     q = ("SELECT snapshot::text, window_snapshot::text, window_last_id, config_version, "
          "applied_changes, applied_until, updated_at FROM replication.position WHERE source = %s")
