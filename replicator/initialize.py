@@ -18,17 +18,17 @@ initialized, and running init again skips them and copies the rest.
 from __future__ import annotations
 
 import logging
+import select
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from . import db, guard, state
 from .config import BranchConfig
 from .errors import AlreadyInitialized, ConfigError, SchemaMismatch
-from .filters import parse_filter, render
 from .reader import covers
 from .schema import (Table, bind_target, branch_params, check_names, columns_of, offered_catalogs,
                      select_catalogs, source_tables)
@@ -196,6 +196,7 @@ def select_query(t: Table, params: dict) -> sql.Composed:
     cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
     where = sql.SQL("")
     if t.filter:
+        from .filters import parse_filter, render   # sqlglot loads only for filtered tables
         flt = parse_filter(t.qualified, t.filter, t.hq_columns)
         where = sql.SQL(" WHERE ({}) IS TRUE").format(render(flt, params, sql.Identifier))
     return sql.SQL("SELECT {} FROM {}{}").format(cols, t.ident, where)
@@ -216,24 +217,64 @@ def estimate(hq, t: Table, params: dict) -> tuple[int, int]:
 def _copy_table(hq, branch, t: Table, params: dict, progress: Progress | None) -> TableCopy:
     start = time.monotonic()
     cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
-    nrows = nbytes = 0
-    last_report = start
     if progress:
         progress("start", t.qualified, *estimate(hq, t, params))   # estimated rows, bytes
     with hq.cursor() as src, branch.cursor() as dst:
-        with src.copy(copy_query(t, params)) as cin, \
+        with src.copy(copy_query(t, params)), \
                 dst.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(t.ident, cols)) as cout:
-            for data in cin:
-                cout.write(data)
-                nbytes += len(data)
-                if progress and time.monotonic() - last_report > 0.5:
-                    last_report = time.monotonic()
-                    progress("bytes", t.qualified, 0, nbytes)
+            nbytes = _pump(hq, cout, t.qualified, progress)
         nrows = dst.rowcount
     result = TableCopy(t.qualified, nrows, nbytes, time.monotonic() - start)
     if progress:
         progress("done", t.qualified, nrows, nbytes)
     return result
+
+
+PUMP_CHUNK = 64 * 1024
+
+
+def _pump(hq: psycopg.Connection, cout: psycopg.Copy, table: str, progress: Progress | None) -> int:
+    """Move an HQ ``COPY TO STDOUT`` stream into the branch's COPY, returning the bytes moved.
+
+    HQ sends one message per row; going through psycopg's ``Copy.read()`` costs a
+    generator and a wait per row, which made a 1M-row copy 25% slower than a psql
+    pipe.  Here rows are taken from libpq as they arrive, the socket is polled only
+    when none is buffered, and the branch gets 64 KiB writes.  The final HQ result
+    is read here too: ``Copy`` does not read it when its block ends normally.
+    """
+    pgconn = hq.pgconn
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN)
+    get = pgconn.get_copy_data
+    buf = bytearray()
+    total = 0
+    last_report = time.monotonic()
+    while True:
+        n, data = get(1)
+        if n > 0:
+            buf += data
+            if len(buf) >= PUMP_CHUNK:
+                cout.write(buf)
+                total += len(buf)
+                buf = bytearray()
+                if progress and time.monotonic() - last_report > 0.5:
+                    last_report = time.monotonic()
+                    progress("bytes", table, 0, total)
+        elif n == 0:
+            poller.poll()
+            pgconn.consume_input()
+        elif n == -1:
+            break
+        else:
+            raise psycopg.OperationalError(f"reading the copy of {table} from HQ failed: "
+                                           f"{pgconn.get_error_message()}")
+    if buf:
+        cout.write(buf)
+        total += len(buf)
+    while (res := pgconn.get_result()) is not None:
+        if res.status != pq.ExecStatus.COMMAND_OK:
+            raise psycopg.errors.error_from_result(res, encoding=hq.info.encoding)
+    return total
 
 
 def _ensure_tables(hq, branch, tables: list[Table], create_missing: bool) -> None:

@@ -22,9 +22,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.text import Text
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class LogProgress:
                 t.last_line = time.monotonic()
                 self._line(t)
         elif event == "done":
-            log.info("copied %s: %s rows, %.1f MB in %.1f s (%s rows/s)", table, f"{rows:,}",
+            log.info("copied %s: %s rows, %.1f MB in %.2f s (%s rows/s)", table, f"{rows:,}",
                      nbytes / 1e6, t.seconds, f"{rows / t.seconds:,.0f}")
 
     @staticmethod
@@ -96,50 +97,6 @@ class LogProgress:
             log.info("copying %s: %.1f MB so far (%.1f MB/s)", t.table, t.bytes / 1e6, t.bytes / 1e6 / t.seconds)
 
 
-class BarProgress:
-    """A terminal: one rich progress bar per table (rows, rows/s, ETA), kept when done."""
-
-    def __init__(self, bars: Progress) -> None:
-        self.bars = bars
-        self.tables: dict[str, tuple[TableProgress, object]] = {}
-
-    def __call__(self, event: str, table: str, rows: int, nbytes: int) -> None:
-        if event == "start":
-            task = self.bars.add_task(table, total=rows or None, mb=0.0)
-            self.tables[table] = (TableProgress(table, rows, nbytes), task)
-            return
-        if table not in self.tables:
-            self("start", table, 0, 0)
-        t, task = self.tables[table]
-        t.bytes = nbytes
-        if event == "bytes":
-            self.bars.update(task, completed=t.rows, total=t.total_rows or None, mb=nbytes / 1e6)
-        elif event == "done":
-            self.bars.update(task, completed=rows, total=rows, mb=nbytes / 1e6)
-            self.bars.stop_task(task)
-
-
-class _RowsColumn(ProgressColumn):
-    """'~1,234/50,000 rows' while copying (estimated), '50,000 rows' when done (exact)."""
-
-    def render(self, task: Task) -> Text:
-        done = int(task.completed)
-        if task.finished:
-            return Text(f"{done:,} rows  {task.fields['mb']:.1f} MB")
-        if task.total:
-            return Text(f"~{done:,}/{int(task.total):,} rows  {task.fields['mb']:.1f} MB")
-        return Text(f"{task.fields['mb']:.1f} MB")
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        if task.finished and task.finished_time:
-            speed = task.completed / max(task.finished_time, 1e-6)
-        else:
-            speed = task.speed
-        return Text(f"{speed:,.0f} rows/s" if speed else "", style="progress.data.speed")
-
-
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
@@ -148,28 +105,16 @@ def _duration(seconds: float | None) -> str:
 
 
 @contextmanager
-def _logs_above(console: Console) -> Iterator[None]:
-    """Send log lines written to stderr through rich, so they print above the bars
-    instead of tearing them (rich redirects sys.stderr, not handlers that hold it)."""
-    moved = []
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.__stderr__, console.file):
-            moved.append((handler, handler.setStream(sys.stderr)))
-    try:
-        yield
-    finally:
-        for handler, stream in moved:
-            handler.setStream(stream)
-
-
-@contextmanager
 def reporter(tty: bool | None = None, console: Console | None = None) -> Iterator:
-    """Yield a progress callback for `initialize`: bars on a terminal, log lines otherwise."""
-    console = console or Console(stderr=True)
-    if not (console.is_terminal if tty is None else tty):
+    """Yield a progress callback for `initialize`: bars on a terminal, log lines otherwise.
+
+    rich is imported only for bars: a non-interactive init (cron, CI, the benchmark)
+    starts faster without it."""
+    if tty is None:
+        tty = console.is_terminal if console is not None else sys.stderr.isatty()
+    if not tty:
         yield LogProgress()
         return
-    bars = Progress(TextColumn("{task.description:<28}"), BarColumn(), _RowsColumn(), _RateColumn(),
-                    TimeRemainingColumn(), console=console)
-    with bars, _logs_above(console):
-        yield BarProgress(bars)
+    from .bars import bar_reporter
+    with bar_reporter(console) as progress:
+        yield progress

@@ -20,7 +20,6 @@ from typing import Iterator
 import psycopg
 from psycopg import sql
 
-from .filters import jsonb_column, parse_filter, render
 from .schema import Table
 
 log = logging.getLogger(__name__)
@@ -105,6 +104,7 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts
     def _predicate(self, t: Table, row_expr: sql.Composable) -> sql.Composable | None:
         if not t.filter:
             return None
+        from .filters import jsonb_column, parse_filter, render   # sqlglot loads only when a filter exists
         flt = parse_filter(t.qualified, t.filter, t.hq_columns)
         return render(flt, self.params, jsonb_column(row_expr, t.hq_columns))
 

@@ -16,7 +16,8 @@ from tests.harness import REPO
 EXPECTED_ROWS = [
     "catch-up apply: rate",
     "memory: peak RSS during catch-up",
-    "initial copy: rate",
+    "initial copy: rate, end to end",
+    "initial copy: rate, copy phase",
     "memory: peak RSS of init",
     "capture on HQ: pgbench single-row UPDATE",
     "capture on HQ: bulk UPDATE",
