@@ -22,7 +22,7 @@ import psycopg
 
 from . import config as config_mod
 from . import db, guard, state
-from .apply import Applier
+from .apply import Applier, Batch
 from .config import BranchConfig
 from .errors import ApplyFailed, ConnectionFailed, LockHeld, NotInitialized, PositionLost, ReplicatorError
 from .reader import LogReader, Prefetch, covers, current_snapshot
@@ -163,11 +163,14 @@ class Session:
                 return 0
         self.check_horizon(pos)
         applied, finished, newest, carry = 0, False, None, []
-        with Prefetch(self.reader.window(self.hq, pos.snapshot, cur, after)) as chunks:
-            for rows in chunks:
+        with Prefetch(self.reader.window(self.hq, pos.snapshot, cur, after),
+                      transform=self.applier.reduce) as batches:
+            for batch in batches:
+                rows = batch.rows
                 finished = len(rows) < self.cfg.batch_rows
                 try:
-                    applied += self._apply(pos, cur, carry + rows, done=finished)
+                    applied += self._apply(pos, cur, self.applier.reduce(carry + rows) if carry else batch,
+                                           done=finished)
                 except psycopg.errors.UniqueViolation:
                     if finished:
                         raise
@@ -185,20 +188,21 @@ class Session:
                              rows[-1][0])
                     return applied
         if not finished:
-            applied += self._apply(pos, cur, carry, done=True)
+            applied += self._apply(pos, cur, self.applier.reduce(carry), done=True)
             newest = carry[-1][5] if carry else newest
         self._ack(cur, newest, force=applied > 0 or target is not None)
         return applied
 
-    def _apply(self, pos: state.Position, cur: str, rows: list[tuple], done: bool) -> int:
+    def _apply(self, pos: state.Position, cur: str, batch: Batch, done: bool) -> int:
         start = time.monotonic()
+        rows = batch.rows
         with self.branch.transaction():
             locked = state.load_position(self.branch, lock=True, schema_known=True)
             if locked.config_version != self.config_version or locked.snapshot != pos.snapshot:
                 raise _Reload()
-            stats = self.applier.apply(rows) if rows else None
-            last_id = rows[-1][0] if rows else locked.window_last_id
-            newest = max((r[5] for r in rows), default=None)
+            stats = self.applier.apply(batch) if rows else None
+            last_id = batch.last_id if rows else locked.window_last_id
+            newest = batch.newest
             new = state.Position(snapshot=cur if done else pos.snapshot,
                                  window_snapshot=None if done else cur,
                                  window_last_id=0 if done else last_id,
@@ -256,6 +260,7 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
     session = Session(cfg)
     session.stop = stop
     outage_since = None
+    rebound = False
     try:
         # A problem at start (config, password, schema, HQ unreachable) is an error, not an outage.
         session.open(listen=not once)
@@ -269,11 +274,23 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
                 if once and _caught_up(session, target):
                     return 0
                 applied = session.step(target)
+                rebound = False
                 if not once and applied == 0:
                     session.wait(cfg.poll_interval, stop)
             except _Reload:
                 log.info("table states changed on the branch (init); reloading")
                 session.config_version = None   # step() reloads, inside this try (outages included)
+            except psycopg.errors.DatatypeMismatch as e:
+                # Binary records fit the branch table as it was bound; one altered (or re-created)
+                # since then refuses them.  Bind again, once: a table that still does not fit is a
+                # schema mismatch, and that is reported.
+                if rebound:
+                    _explain_failure(session, e)
+                    raise
+                log.info("a branch table changed while running (%s); reading its definition again",
+                         e.diag.message_primary)
+                rebound = True
+                session.config_version = None
             except (psycopg.OperationalError, psycopg.InterfaceError, ReplicatorError) as e:
                 if isinstance(e, ReplicatorError) and not _is_connection_error(e):
                     raise

@@ -38,6 +38,8 @@ class Table:
     columns: list[str] = field(default_factory=list)           # written on the branch
     referenced: bool = False          # another branch table has an FK to it
     identity_always: bool = False
+    hq_builtin_types: bool = False    # every HQ column has a built-in type (same OID everywhere)
+    record_type: int | None = None    # branch row type OID when changes travel as binary records
 
     @property
     def qualified(self) -> str:
@@ -99,7 +101,33 @@ def source_tables(hq: psycopg.Connection, catalogs: list[str]) -> list[Table]:
                                   "missing on HQ; re-run `replicator hq install`")
         t.hq_columns = {c[0]: c[1] for c in cols if c[0] not in t.exclude_columns}
         t.hq_generated = {c[0] for c in cols if c[5]}
+        t.hq_builtin_types = _builtin_types(hq, t)
     return tables
+
+
+_BUILTIN_SQL = """
+SELECT c.reltype, bool_and(a.atttypid < 16384)      -- FirstNormalObjectId: built-in types
+  FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+ WHERE c.oid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND a.attname = ANY(%s)
+ GROUP BY c.reltype"""
+
+
+def _builtin_types(conn: psycopg.Connection, t: Table) -> bool:
+    row = conn.execute(_BUILTIN_SQL, (t.schema, t.name, list(t.hq_columns))).fetchone()
+    return bool(row and row[1])
+
+
+def _record_type(branch: psycopg.Connection, t: Table, local: list[str]) -> int | None:
+    """The branch row type when changes can travel as binary records (apply.py).
+
+    A binary record names each field's type OID and must have exactly the row
+    type's columns, so this holds only when the branch table has the replicated
+    columns and no others, and every type is built in on both sides.
+    """
+    if not t.hq_builtin_types or t.columns != local:
+        return None
+    row = branch.execute(_BUILTIN_SQL, (t.schema, t.name, local)).fetchone()
+    return row[0] if row and row[1] else None
 
 
 def bind_target(branch: psycopg.Connection, tables: list[Table]) -> None:
@@ -139,6 +167,7 @@ def _bind_one(branch: psycopg.Connection, t: Table) -> None:
     # Generated on both sides: the branch computes it (it cannot be written).
     t.columns = [c for c in local if c in t.hq_columns and not (local[c][5] and c in t.hq_generated)]
     t.identity_always = any(local[c][4] == "a" for c in t.columns)
+    t.record_type = _record_type(branch, t, list(local))
     t.referenced = branch.execute(
         "SELECT EXISTS (SELECT FROM pg_constraint WHERE contype = 'f' AND confrelid = "
         "to_regclass(format('%%I.%%I', %s::text, %s::text)))", (t.schema, t.name)).fetchone()[0]

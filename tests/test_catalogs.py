@@ -231,7 +231,7 @@ def test_filter_means_the_same_rows_in_the_stream_and_the_copy(pos, branch_a, tm
         reader = LogReader(tables, branch_params(hq_conn, name))
         rows = [r for chunk in reader.window(hq_conn, before, current_snapshot(hq_conn)) for r in chunk]
     assert {r[2] for r in rows} == {"U"}
-    streamed = {"({store_id},{item_id})".format(**json.loads(r[4])) for r in rows}
+    streamed = {"({},{})".format(*json.loads(r[3])) for r in rows}    # the key: [store_id, item_id]
     assert streamed == expected
 
     # rows moving across the quantity threshold enter and leave the branch

@@ -322,6 +322,23 @@ def test_branch_table_altered_while_running_stops_with_one_line(hq, branch_a, wo
     assert position(branch_a) == before
 
 
+def test_branch_column_added_while_running_is_taken_in_stride(hq, branch_a, world):
+    """A nullable local column added under a running replicator: the binary records it was
+    applying no longer fit, so it binds the table again and goes on (now as JSON images)."""
+    b = world(hq, branch_a, poll_interval="60s")
+    with daemon(b) as d:
+        d.wait_for("replicating 1 tables")
+        branch_a.execute("ALTER TABLE items ADD COLUMN local_note text")
+        hq.execute("UPDATE items SET price = 7 WHERE id = 1")
+        hq.execute("INSERT INTO items VALUES (601, 'after the change', 1)")
+        wait_until(lambda: has_item(branch_a, 601), 15, "change after the branch column was added")
+        d.wait_for("reading its definition again")
+        assert d.signal() < 5
+    assert d.proc.returncode == 0, d.log
+    assert "Traceback" not in d.log, d.log
+    assert_same(hq, branch_a, "items", "id, name, price")
+
+
 def test_in_process_run_gives_the_signal_handlers_back(hq, branch_a, world):
     """run() takes SIGTERM/SIGINT only while it runs: a host process (tests, the demo) stays interruptible."""
     b = world(hq, branch_a)

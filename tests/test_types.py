@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+import pytest
 import yaml
 
+from replicator.schema import bind_target, source_tables
 from tests.harness import assert_same, make_setup, table_rows
 
 SCHEMA = """
@@ -31,8 +33,13 @@ CREATE TABLE typed (
 );
 -- a key whose text form depends on the writer's time zone
 CREATE TABLE keyed (k text, at timestamptz, v int, PRIMARY KEY (k, at));
+-- built-in types only: changes travel as binary records (with a dropped column in the middle)
+CREATE TABLE plain (LIKE typed INCLUDING ALL);
+ALTER TABLE plain DROP COLUMN m, DROP COLUMN tag;
 """
-CATALOGS = {"typed": {"label": "Types", "default": True, "tables": ["public.typed", "public.keyed"]}}
+CATALOGS = {"typed": {"label": "Types", "default": True,
+                      "tables": ["public.typed", "public.keyed", "public.plain"]}}
+BUILTIN_ONLY = {"m", "tag"}
 
 ALL_BYTES = "(SELECT decode(string_agg(lpad(to_hex(g), 2, '0'), ''), 'hex') FROM generate_series(0, 255) g)"
 NASTY_TEXT = ("E'it''s \"quoted\" \\\\ back\\\\slash \\\\N \\\\. tab\\there\\nnew line\\r\\n"
@@ -115,59 +122,72 @@ def _insert(hq, row_id: int, settings: dict, values: dict, table: str = "typed")
                      f"VALUES ({row_id}{''.join(', ' + values[c] for c in cols)})")
 
 
-def _update_from(hq, target: int, source: int, settings: dict) -> None:
+def _update_from(hq, target: int, source: int, settings: dict, table: str = "typed") -> None:
     """Copy another row's values over a streamed row (an UPDATE image of every type)."""
-    cols = [r[0] for r in hq.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = 'typed'::regclass AND attnum > 1 "
-        "AND NOT attisdropped ORDER BY attnum")]
+    cols = _non_key_columns(hq, table).split(", ")
     with hq.connect() as conn:
         for name, value in settings.items():
             conn.execute(f"SELECT set_config('{name}', '{value}', false)")
-        conn.execute(f"UPDATE typed t SET ({', '.join(cols)}) = (SELECT {', '.join('s.' + c for c in cols)} "
-                     f"FROM typed s WHERE s.id = {source}) WHERE t.id = {target}")
+        conn.execute(f"UPDATE {table} t SET ({', '.join(cols)}) = (SELECT {', '.join('s.' + c for c in cols)} "
+                     f"FROM {table} s WHERE s.id = {source}) WHERE t.id = {target}")
 
 
-def _odd_branch_session(branch) -> None:
-    """The replicator's branch session runs with settings unlike HQ's and the comparing sessions'."""
+ODD_SETTINGS = ("-c TimeZone=Pacific/Chatham -c DateStyle=SQL,DMY -c IntervalStyle=sql_standard "
+                "-c extra_float_digits=-15 -c bytea_output=escape")
+
+
+def _odd_sessions(branch) -> None:
+    """The replicator's sessions (branch, and HQ where records are built) run with settings
+    unlike those of HQ's writers and of the comparing sessions."""
     doc = yaml.safe_load(branch.path.read_text())
-    options = ("-c TimeZone=Pacific/Chatham -c DateStyle=SQL,DMY -c IntervalStyle=sql_standard "
-               "-c extra_float_digits=-15 -c bytea_output=escape")
-    doc["target"]["dsn"] += "?options=" + quote(options)
+    for side in ("source", "target"):
+        doc[side]["dsn"] += "?options=" + quote(ODD_SETTINGS)
     branch.path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def test_every_type_arrives_exactly(tmp_path, hq, branch_a):
+@pytest.mark.parametrize("table", ["typed", "plain"])
+def test_every_type_arrives_exactly(tmp_path, hq, branch_a, table):
+    """`typed` has an enum and a composite, so its changes travel as JSON; `plain` (built-in types
+    only) as binary records built on HQ, with the branch's columns in another order."""
     setup = make_setup(tmp_path, hq, CATALOGS, SCHEMA, [branch_a])
+    branch_a.execute("ALTER TABLE plain DROP COLUMN txt; ALTER TABLE plain ADD COLUMN txt text")
     branch = setup.add_branch("types", branch_a)
-    _odd_branch_session(branch)
+    _odd_sessions(branch)
     assert branch.cfg.target_dsn.endswith("bytea_output%3Descape")
+    with hq.connect() as h, branch_a.connect() as b:
+        tables = {t.name: t for t in source_tables(h, ["typed"])}
+        bind_target(b, list(tables.values()))
+    assert (tables[table].record_type is not None) == (table == "plain")
+    rows = [(settings, {c: v for c, v in values.items() if table == "typed" or c not in BUILTIN_ONLY})
+            for settings, values in ROWS]
+    columns = "id, " + _non_key_columns(hq, table)
 
-    for i, (settings, values) in enumerate(ROWS, start=1):
-        _insert(hq, i, settings, values)
+    for i, (settings, values) in enumerate(rows, start=1):
+        _insert(hq, i, settings, values, table)
     branch.init()
-    assert_same(hq, branch_a, "typed")
+    assert_same(hq, branch_a, table, columns)
 
-    for i, (settings, values) in enumerate(ROWS, start=101):
-        _insert(hq, i, settings, values)
+    for i, (settings, values) in enumerate(rows, start=101):
+        _insert(hq, i, settings, values, table)
     assert branch.run_once() == 0
-    assert_same(hq, branch_a, "typed")
+    assert_same(hq, branch_a, table, columns)
     # the streamed rows equal the copied ones, value for value
-    assert table_rows(branch_a, "typed", "id % 100 AS id, " + _non_key_columns(hq), "id > 100") == \
-        table_rows(branch_a, "typed", "id, " + _non_key_columns(hq), "id < 100")
+    assert table_rows(branch_a, table, "id % 100 AS id, " + _non_key_columns(hq, table), "id > 100") == \
+        table_rows(branch_a, table, columns, "id < 100")
 
     # update images of every type, written by sessions with other settings
-    n = len(ROWS)
+    n = len(rows)
     for i in range(n):
-        _update_from(hq, 101 + i, 1 + (i + 1) % n, ROWS[(i + 2) % n][0])
-    hq.execute("DELETE FROM typed WHERE id = 102")
+        _update_from(hq, 101 + i, 1 + (i + 1) % n, rows[(i + 2) % n][0], table)
+    hq.execute(f"DELETE FROM {table} WHERE id = 102")
     assert branch.run_once() == 0
-    assert_same(hq, branch_a, "typed")
-    assert branch_a.scalar("SELECT length(big) FROM typed WHERE id = 103") == 31000 * 33 - 1
+    assert_same(hq, branch_a, table, columns)
+    assert branch_a.scalar(f"SELECT length(big) FROM {table} WHERE id = 103") == 31000 * 33 - 1
 
 
-def _non_key_columns(db) -> str:
+def _non_key_columns(db, table: str = "typed") -> str:
     return ", ".join(r[0] for r in db.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = 'typed'::regclass AND attnum > 1 "
+        f"SELECT attname FROM pg_attribute WHERE attrelid = '{table}'::regclass AND attnum > 1 "
         "AND NOT attisdropped ORDER BY attnum"))
 
 
