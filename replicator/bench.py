@@ -1046,10 +1046,12 @@ def poll_time(hq: Database, reader: LogReader, repeat: int = 21) -> Poll:
 
     The session is set up as `replicator run` sets up its HQ connection (daemon.Session.open:
     jit = off, since compiling costs milliseconds when a big log's estimate passes
-    jit_above_cost); keep the two in step.
+    jit_above_cost; no parallel workers; work_mem); keep the two in step.
     """
     with hq.connect() as conn:
         conn.execute("SET jit = off")
+        conn.execute("SET work_mem = '64MB'")
+        conn.execute("SET max_parallel_workers_per_gather = 0")
         prev = current_snapshot(conn)
         for i in range(10):
             conn.execute("UPDATE items SET price = price + 1 WHERE id = %s", (i + 1,))

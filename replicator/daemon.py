@@ -60,6 +60,10 @@ class Session:
             # Window reads and set-based applies are short, repeated statements whose
             # planner cost on big logs/batches trips JIT: compiling costs more than it saves.
             conn.execute("SET jit = off")
+        # A window sorts (id, ctid) pairs: 1M of them fit in 64 MB, the default 4 MB spills.
+        # Parallel workers would cost each of many branches' polls a few ms to start.
+        self.hq.execute("SET work_mem = '64MB'")
+        self.hq.execute("SET max_parallel_workers_per_gather = 0")
         self._lock()
         db.require_version(self.hq, "hq", "HQ")
         if listen:

@@ -96,17 +96,24 @@ class LogReader:
             if conds else sql.SQL("")
         rec = sql.SQL("CASE WHEN l.op <> 'T' THEN CASE l.table_id {} END END").format(
             sql.SQL(" ").join(rec_cases)) if rec_cases else sql.SQL("NULL::pg_catalog.bytea")
+        # The sort by id needs the whole window before its first row.  Sorting only (id, ctid)
+        # keeps it small; each image is then fetched by its ctid (OFFSET 0 keeps that a TID
+        # lookup, not a join over the whole log) and decoded (keys, records, filters' ops)
+        # row by row, while the branch applies the previous chunk.
         return sql.SQL("""
 SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
-  FROM replication.change_log l
- WHERE ((l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot)
-         AND l.xid < pg_snapshot_xmax(%(cur)s::pg_snapshot)
-         AND pg_visible_in_snapshot(l.xid, %(cur)s::pg_snapshot))
-        OR l.xid = ANY (%(late)s::xid8[]))
-   AND l.id > %(after)s
-   AND l.table_id = ANY (%(tables)s::int[])
-   {where}
- ORDER BY l.id""").format(op=op, keys=sql.SQL(" ").join(key_cases), row=row, where=where, rec=rec)
+  FROM (SELECT l.ctid AS at, l.id
+          FROM replication.change_log l
+         WHERE ((l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot)
+                 AND l.xid < pg_snapshot_xmax(%(cur)s::pg_snapshot)
+                 AND pg_visible_in_snapshot(l.xid, %(cur)s::pg_snapshot))
+                OR l.xid = ANY (%(late)s::xid8[]))
+           AND l.id > %(after)s
+           AND l.table_id = ANY (%(tables)s::int[])
+           {where}
+         ORDER BY l.id) w
+ CROSS JOIN LATERAL (SELECT * FROM replication.change_log l WHERE l.ctid = w.at OFFSET 0) l
+ ORDER BY w.id""").format(op=op, keys=sql.SQL(" ").join(key_cases), row=row, where=where, rec=rec)
 
     def _predicate(self, t: Table, row_expr: sql.Composable) -> sql.Composable | None:
         if not t.filter:
