@@ -338,6 +338,9 @@ class Env:
         self.sizes = sizes
         self.runs = runs
         self.hq = Cluster("bench-hq", settings=SETTINGS)
+        # As an HQ runs in production: every commit flushed, full-page writes after checkpoints.
+        self.hq_durable = Cluster("bench-hq-durable", settings={**SETTINGS, "fsync": True,
+                                                                 "full_page_writes": True})
         self.branch = Cluster("bench-branch", settings=SETTINGS)
         self.branch2 = Cluster("bench-branch2", settings=SETTINGS)
         self._started: list[Cluster] = []
@@ -390,9 +393,9 @@ def write_hq_yaml(path: Path, hq: Database) -> config.HQConfig:
     return config.load_hq(path)
 
 
-def capture_db(env: Env, name: str, rows: int) -> tuple[Database, Path]:
+def capture_db(env: Env, name: str, rows: int, which: str = "hq") -> tuple[Database, Path]:
     """HQ database `name` with `rows` items (loaded before capture, so not logged) and capture."""
-    hq = env.fresh("hq", name)
+    hq = env.fresh(which, name)
     hq.execute(SCHEMA)
     fill(hq, 1, rows)
     path = env.workdir / f"{name}.hq.yaml"
@@ -743,9 +746,19 @@ def bulk_update(db: Database) -> float:
 
 
 def bench_capture(env: Env) -> list[Result]:
+    """Capture overhead on two HQs: durable (fsync, full-page writes: how an HQ runs) and the
+    suite's fast fsync=off cluster, where a commit costs nothing and the trigger's own work
+    is all that shows (the worst case for the ratio)."""
+    results = []
+    for label, which in (("durable HQ", "hq_durable"), ("fsync off", "hq")):
+        results += capture_overhead(env, label, which)
+    return results
+
+
+def capture_overhead(env: Env, label: str, which: str) -> list[Result]:
     rows, secs = env.sizes.capture_rows, env.sizes.pgbench_seconds
-    say("capture overhead: %d-row table", rows)
-    hq, _ = capture_db(env, "capture_hq", rows)
+    say("capture overhead (%s): %d-row table", label, rows)
+    hq, _ = capture_db(env, "capture_hq", rows, which)
     script = env.workdir / "update.sql"
     script.write_text(PGBENCH_SCRIPT)
     tps = {True: [], False: []}
@@ -763,11 +776,14 @@ def bench_capture(env: Env) -> list[Result]:
                 say("  run %d capture %s: %.0f TPS, bulk UPDATE %.2f s", run, "on" if on else "off",
                     tps[on][-1], bulk[on][-1])
     finally:
-        env.hq.drop_database(hq.name)
+        hq.cluster.drop_database(hq.name)
     note = f"pgbench -M prepared, 2 clients, {secs} s, {rows:,} rows; triggers on vs off"
-    return [ratio_result("capture on HQ", "pgbench single-row UPDATE", median(tps[True]),
+    if which == "hq":
+        note += ("; floor: a trigger that inserts one empty log row and nothing else measured 0.70× here, "
+                 "a row-level trigger with the image 0.71×")
+    return [ratio_result("capture on HQ", f"pgbench single-row UPDATE, {label}", median(tps[True]),
                          median(tps[False]), "TPS", 0.75, True, note),
-            ratio_result("capture on HQ", f"bulk UPDATE of {rows:,} rows", median(bulk[True]),
+            ratio_result("capture on HQ", f"bulk UPDATE of {rows:,} rows, {label}", median(bulk[True]),
                          median(bulk[False]), "s", 2.0, False, "one statement; capture on vs off")]
 
 
