@@ -6,13 +6,17 @@ each table gets at most one DELETE and one INSERT ... ON CONFLICT.  If a
 set-based statement trips a unique constraint that only holds in HQ's
 statement order, every key the chunk touched in that table is deleted and
 the final images inserted again.
+
+Images reach the statements in one of two forms: binary records built on HQ
+(tables whose columns are all of built-in types and match the branch's row
+type, see schema._record_type), read with the types' binary input; otherwise
+a JSON array of the captured images, read with json_populate_recordset.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-
 import struct
+from dataclasses import dataclass, field
 from itertools import chain
 
 import psycopg
@@ -36,29 +40,34 @@ class ApplyStats:
 class _Pending:
     """The reduced effect of a chunk on one table, with its statement payloads."""
 
-    __slots__ = ("truncate", "last", "deletes", "upserts", "n_deletes", "n_upserts")
+    __slots__ = ("truncate", "last", "deletes", "inserts", "upserts", "counts")
 
     def __init__(self):
         self.truncate = False
         self.last: dict[str, tuple[str, str]] = {}   # key -> (op, row)
-        self.deletes: str | Records | None = None     # the statements' parameter: images as a
-        self.upserts: str | Records | None = None     # JSON array, or an array of binary records
-        self.n_deletes = self.n_upserts = 0
+        # The statements' parameters: images as a JSON array, or an array of binary records.
+        self.deletes = self.inserts = self.upserts = None
+        self.counts = (0, 0, 0)
 
     def add(self, op: str, key: str, row: str) -> None:
         if op == "T":
             self.truncate = True
             self.last.clear()
             return
-        self.last.pop(key, None)      # keep dict order = order of last change
+        earlier = self.last.pop(key, None)      # keep dict order = order of last change
+        if op == "I" and earlier is not None:
+            op = "U"     # e.g. deleted then inserted again: the row may still be on the branch
         self.last[key] = (op, row)
 
     def split(self, payload) -> None:
-        deletes = [row for op, row in self.last.values() if op == "D"]
-        upserts = [row for op, row in self.last.values() if op != "D"]
-        self.n_deletes, self.n_upserts = len(deletes), len(upserts)
-        self.deletes = payload(deletes) if deletes else None
-        self.upserts = payload(upserts) if upserts else None
+        """Deletes; inserts of keys HQ created (absent here, so a plain INSERT: a third cheaper
+        than ON CONFLICT; should one exist after all, the unique-violation path repairs it);
+        upserts for the rest."""
+        parts = {"D": [], "I": [], "U": []}
+        for op, row in self.last.values():
+            parts[op].append(row)
+        self.counts = (len(parts["D"]), len(parts["I"]), len(parts["U"]))
+        self.deletes, self.inserts, self.upserts = (payload(parts[op]) if parts[op] else None for op in "DIU")
 
 
 @dataclass
@@ -126,6 +135,8 @@ class Applier:
             with self.conn.transaction():
                 if p.deletes:
                     self.conn.execute(stmts["delete"], (p.deletes,))
+                if p.inserts:
+                    self.conn.execute(stmts["insert"], (p.inserts,))
                 if p.upserts:
                     self.conn.execute(stmts["upsert"], (p.upserts,))
         except psycopg.errors.UniqueViolation:
@@ -136,10 +147,11 @@ class Applier:
             log.info("%s: set-based apply hit a unique constraint; re-applying %d keys as delete + insert",
                      self.tables[tid].qualified, len(p.last))
             self.conn.execute(stmts["delete"], (self.payload[tid]([row for _op, row in p.last.values()]),))
-            if p.upserts:
-                self.conn.execute(stmts["upsert"], (p.upserts,))
-        stats.deletes += p.n_deletes
-        stats.upserts += p.n_upserts
+            for images in (p.inserts, p.upserts):
+                if images:
+                    self.conn.execute(stmts["insert"], (images,))
+        stats.deletes += p.counts[0]
+        stats.upserts += p.counts[1] + p.counts[2]
 
 
 def _json_array(rows: list[str]) -> str:
@@ -211,14 +223,13 @@ def _statements(t: Table) -> dict[str, sql.Composed]:
         conflict = sql.SQL("DO NOTHING")
     overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if t.identity_always else sql.SQL("")
     images = _images(t)
-    upsert = sql.SQL(
-        "INSERT INTO {t} ({cols}) {ov}SELECT {cols} FROM {images} "
-        "ON CONFLICT ({keys}) {conflict}").format(t=t.ident, cols=cols, ov=overriding, images=images,
-                                                  keys=keys, conflict=conflict)
+    insert = sql.SQL("INSERT INTO {t} ({cols}) {ov}SELECT {cols} FROM {images}").format(
+        t=t.ident, cols=cols, ov=overriding, images=images)
+    upsert = insert + sql.SQL(" ON CONFLICT ({keys}) {conflict}").format(keys=keys, conflict=conflict)
     match = sql.SQL(" AND ").join(
         sql.SQL("t.{0} = d.{0}").format(sql.Identifier(k)) for k in t.key_columns)
     delete = sql.SQL("DELETE FROM {t} AS t USING {images} WHERE {match}").format(
         t=t.ident, images=images, match=match)
     # TRUNCATE refuses a table referenced by a foreign key even in replica mode.
     truncate = (sql.SQL("DELETE FROM {}") if t.referenced else sql.SQL("TRUNCATE {}")).format(t.ident)
-    return {"upsert": upsert, "delete": delete, "truncate": truncate}
+    return {"insert": insert, "upsert": upsert, "delete": delete, "truncate": truncate}

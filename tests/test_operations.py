@@ -190,6 +190,24 @@ def test_delete_then_reinsert_same_key_in_one_window(env):
     assert env.db.scalar("SELECT count(*) FROM item WHERE id = 300") == 0
 
 
+def test_insert_of_a_key_the_branch_already_has_is_repaired(env, caplog):
+    """HQ inserts are applied with a plain INSERT (the key cannot exist on an in-step branch);
+    a branch that holds the key anyway (a row left behind, say after HQ lost transactions in
+    a crash) ends equal to HQ, through the delete + insert path."""
+    seed(env, 3)
+    env.sync()
+    caplog.set_level(logging.INFO, logger="replicator.apply")
+    with env.db.connect() as conn:      # the replicator's own bypass of the read-only guard
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("INSERT INTO item VALUES (7, 'stale', 70, 'left behind')")
+    env.hq.execute("INSERT INTO item VALUES (7, 'code-7', 7, 'from HQ'), (8, 'code-8', 8, NULL)")
+    env.sync()
+    assert env.db.execute("SELECT id, code, note FROM item WHERE id > 6 ORDER BY id") == \
+        [(7, "code-7", "from HQ"), (8, "code-8", None)]
+    assert any("re-applying" in r.getMessage() for r in caplog.records)
+    assert_same(env.hq, env.db, "item")
+
+
 # ------------------------------------------------------------------ TRUNCATE
 
 def test_truncate_replayed(env):
