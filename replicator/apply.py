@@ -2,10 +2,11 @@
 
 A chunk is reduced per table to the last change of each key (a row image
 is the whole row, so the last one wins), with TRUNCATE as a barrier; then
-each table gets at most one DELETE and one INSERT ... ON CONFLICT.  If a
-set-based statement trips a unique constraint that only holds in HQ's
-statement order, every key the chunk touched in that table is deleted and
-the final images inserted again.
+each table gets at most one DELETE, one plain INSERT (keys whose only change in
+the chunk is HQ's INSERT) and one INSERT ... ON CONFLICT.  If a set-based
+statement trips a unique constraint that only holds in HQ's statement order,
+or a key HQ inserted is already here, every key the chunk touched in that
+table is deleted and the final images inserted again.
 
 Images reach the statements in one of two forms: binary records built on HQ
 (tables whose columns are all of built-in types and match the branch's row
