@@ -9,6 +9,10 @@ stream then skips exactly the changes the copy already holds.  The HQ
 snapshot is taken *after* the branch position is locked, so it contains
 every change the branch position claims: no gap, no double.
 
+A truncated table's indexes are dropped before its COPY and built again after
+it in that transaction (`defer_indexes`), as pg_restore loads data before
+indexes.
+
 The same branch transaction makes the catalog's tables read-only for local
 users (guard.py), so a copy is never visible unprotected.  An interrupted
 init (Ctrl-C, SIGKILL, a network cut) rolls back the catalog it was copying,
@@ -28,7 +32,7 @@ from psycopg import pq, sql
 
 from . import db, guard, state
 from .config import BranchConfig
-from .errors import AlreadyInitialized, ConfigError, SchemaMismatch
+from .errors import AlreadyInitialized, ConfigError, ReplicatorError, SchemaMismatch
 from .reader import covers
 from .schema import (Table, bind_target, branch_params, check_names, columns_of, offered_catalogs,
                      select_catalogs, source_tables)
@@ -219,15 +223,99 @@ def _copy_table(hq, branch, t: Table, params: dict, progress: Progress | None) -
     cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
     if progress:
         progress("start", t.qualified, *estimate(hq, t, params))   # estimated rows, bytes
-    with hq.cursor() as src, branch.cursor() as dst:
-        with src.copy(copy_query(t, params)), \
-                dst.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(t.ident, cols)) as cout:
-            nbytes = _pump(hq, cout, t.qualified, progress)
-        nrows = dst.rowcount
+    deferred = [] if t.referenced else defer_indexes(branch, t)
+    try:
+        with hq.cursor() as src, branch.cursor() as dst:
+            with src.copy(copy_query(t, params)), \
+                    dst.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(t.ident, cols)) as cout:
+                nbytes = _pump(hq, cout, t.qualified, progress)
+            nrows = dst.rowcount
+        rebuild_indexes(branch, t, deferred)
+    except (psycopg.IntegrityError, psycopg.DataError) as e:
+        # A branch-only constraint HQ's rows break (HQ's own keys and types match: bind_target
+        # checked).  The catalog's transaction rolls back; the old rows stay.
+        diag = e.diag
+        raise ReplicatorError(
+            f"copying {t.qualified} failed on the branch: {diag.message_primary}"
+            f"{f' ({diag.constraint_name})' if diag.constraint_name else ''}; catalog {t.catalog} was not "
+            "copied and its tables keep their old rows; fix or drop that branch constraint and run init "
+            "again") from e
     result = TableCopy(t.qualified, nrows, nbytes, time.monotonic() - start)
     if progress:
         progress("done", t.qualified, nrows, nbytes)
     return result
+
+
+# Indexes whose drop and re-creation loses nothing: valid, default tablespace, no comment, not
+# the replica identity or CLUSTER index, nothing depending on them (foreign keys, views that
+# group by the primary key) but their own PRIMARY KEY / UNIQUE constraint and what it owns
+# (its index, a DEFERRABLE constraint's trigger), and the table is ours to alter.  Anything else stays and is maintained row by row as before.
+_DEFERRABLE_INDEXES_SQL = """
+SELECT ic.relname::text, pg_get_indexdef(i.indexrelid), con.conname::text, con.contype = 'p',
+       coalesce(con.condeferrable, false), coalesce(con.condeferred, false)
+  FROM pg_index i
+  JOIN pg_class ic ON ic.oid = i.indexrelid
+  JOIN pg_class tc ON tc.oid = i.indrelid
+  LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
+ WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text))
+   AND tc.relkind = 'r' AND NOT tc.relispartition AND pg_has_role(tc.relowner, 'USAGE')
+   AND i.indisvalid AND i.indisready AND i.indislive AND NOT i.indisreplident AND NOT i.indisclustered
+   AND ic.reltablespace = 0
+   AND (con.oid IS NULL OR con.contype IN ('p', 'u'))
+   AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.refclassid = 'pg_class'::regclass
+                                              AND d.refobjid = i.indexrelid)
+   AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.refclassid = 'pg_constraint'::regclass
+                                              AND d.refobjid = con.oid AND d.deptype <> 'i')
+   AND NOT EXISTS (SELECT FROM pg_description d WHERE d.objoid IN (i.indexrelid, con.oid))
+ ORDER BY i.indisprimary DESC, ic.relname"""
+
+
+@dataclass
+class DeferredIndex:
+    name: str
+    definition: str            # pg_get_indexdef: CREATE INDEX with INCLUDE, WITH, WHERE
+    constraint: str | None     # the PRIMARY KEY / UNIQUE constraint it backs, re-added by name
+    primary: bool
+    deferrable: bool
+    deferred: bool
+
+
+def defer_indexes(branch: psycopg.Connection, t: Table) -> list[DeferredIndex]:
+    """Drop a just-truncated table's indexes for the copy; `rebuild_indexes` restores them.
+
+    Loading rows into an index one at a time costs more than sorting them once
+    afterwards: on a 1M-row table with only its primary key, COPY took 0.89 s
+    with the key in place and 0.48 s + 0.17 s for the build without.  This is
+    what pg_restore does (data, then indexes).  It all happens in the copy's
+    transaction, under TRUNCATE's exclusive lock, so nobody sees the table
+    without its indexes and a failed copy rolls the drop back.
+    """
+    rows = branch.execute(_DEFERRABLE_INDEXES_SQL, (t.schema, t.name)).fetchall()
+    deferred = [DeferredIndex(*row) for row in rows]
+    for ix in deferred:
+        if ix.constraint:
+            branch.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(t.ident, sql.Identifier(ix.constraint)))
+        else:
+            branch.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(t.schema, ix.name)))
+    return deferred
+
+
+def rebuild_indexes(branch: psycopg.Connection, t: Table, deferred: list[DeferredIndex]) -> None:
+    """Re-create what `defer_indexes` dropped, with the same names and definitions."""
+    start = time.monotonic()
+    for ix in deferred:
+        branch.execute(sql.SQL(ix.definition))      # PostgreSQL's own CREATE INDEX text
+        if ix.constraint:
+            # The index carries INCLUDE, WITH (...) and NULLS NOT DISTINCT; the constraint
+            # takes it over as it is (pg_get_constraintdef would lose the storage options).
+            timing = sql.SQL(" DEFERRABLE INITIALLY DEFERRED" if ix.deferred else
+                             " DEFERRABLE" if ix.deferrable else "")
+            branch.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} USING INDEX {}{}").format(
+                t.ident, sql.Identifier(ix.constraint), sql.SQL("PRIMARY KEY" if ix.primary else "UNIQUE"),
+                sql.Identifier(ix.name), timing))
+    if deferred:
+        log.debug("built %d index(es) of %s after the copy in %.2f s", len(deferred), t.qualified,
+                  time.monotonic() - start)
 
 
 PUMP_CHUNK = 64 * 1024

@@ -110,6 +110,74 @@ def test_init_under_concurrent_writes_then_stream_is_equal(setup, hq, branch_a):
     assert_same(hq, branch_a, "counters")
 
 
+# Branch-only indexes of every kind init defers or must leave alone.
+BRANCH_INDEXES = """
+ALTER TABLE items ADD CONSTRAINT items_name_key UNIQUE (name) INCLUDE (price) WITH (fillfactor = 70)
+    DEFERRABLE INITIALLY DEFERRED;
+CREATE INDEX items_cheap ON items (price) WHERE price < 10;
+CREATE INDEX items_lower ON items (lower(name) text_pattern_ops);
+CREATE INDEX items_noted ON items (price, id);
+COMMENT ON INDEX items_noted IS 'a comment is not in the index definition: this one stays';
+CREATE VIEW tally_view AS SELECT id, n FROM tallies GROUP BY id;   -- depends on tallies_pkey
+"""
+INDEXES = """
+SELECT c.relname::text, pg_get_indexdef(i.indexrelid), i.indimmediate, con.conname::text,
+       pg_get_constraintdef(con.oid), obj_description(i.indexrelid, 'pg_class')
+  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+  LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
+ WHERE i.indrelid IN ('public.items'::regclass, 'public.tallies'::regclass) ORDER BY 1"""
+OIDS = """SELECT c.relname::text, c.oid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+           WHERE i.indrelid IN ('public.items'::regclass, 'public.tallies'::regclass)"""
+
+
+def test_init_builds_indexes_after_the_copy_and_keeps_their_definitions(setup, hq, branch_a):
+    fill(hq, items=5000)
+    branch_a.execute(BRANCH_INDEXES)
+    before, oids = branch_a.execute(INDEXES), dict(branch_a.execute(OIDS))
+    b = setup.add_branch("store-1", branch_a, catalogs=["items", "tallies"])
+    b.init()
+    assert branch_a.execute(INDEXES) == before
+    rebuilt = {name for name, oid in branch_a.execute(OIDS) if oids[name] != oid}
+    # Dropped for the copy and built again: the key, the unique constraint, plain indexes.  Kept:
+    # the commented index, and the key a view depends on.
+    assert rebuilt == {"items_pkey", "items_name_key", "items_cheap", "items_lower"}
+    assert_same(hq, branch_a, "items")
+    assert_same(hq, branch_a, "tallies")
+    assert branch_a.scalar("SELECT count(*) FROM tally_view") == 200
+
+    hq.execute("UPDATE items SET price = price + 1 WHERE id <= 100; DELETE FROM items WHERE id > 4990;"
+               "INSERT INTO items VALUES (9001, 'new', 1)")
+    b.run_once()
+    assert_same(hq, branch_a, "items")
+    assert branch_a.scalar("SELECT count(*) FROM items WHERE price < 10") == \
+        hq.scalar("SELECT count(*) FROM items WHERE price < 10")
+
+
+@pytest.mark.parametrize("hq_sql, branch_sql, problem, indexes", [
+    # fails while the deferred indexes are built, after the copy
+    ("UPDATE items SET name = 'same' WHERE id IN (7, 8)", "CREATE UNIQUE INDEX items_name_uq ON items (name)",
+     'could not create unique index "items_name_uq" (items_name_uq)', 2),
+    # fails in the middle of the COPY stream
+    ("INSERT INTO items SELECT g, 'more ' || g, 1 FROM generate_series(101, 20000) g",
+     "ALTER TABLE items ADD CONSTRAINT cheap CHECK (price < 50)",
+     'new row for relation "items" violates check constraint "cheap" (cheap)', 1),
+], ids=["unique-index", "check-mid-copy"])
+def test_init_breaking_a_branch_only_constraint_touches_nothing(setup, hq, branch_a, hq_sql, branch_sql,
+                                                                problem, indexes):
+    fill(hq, items=100)
+    hq.execute(hq_sql)
+    branch_a.execute(f"{branch_sql}; INSERT INTO items VALUES (1, 'old', 1)")
+    b = setup.add_branch("store-1", branch_a, catalogs=["items"])
+    res = b.cli("init")
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: copying public.items failed on the branch: {problem}; catalog items was not copied and its "
+        "tables keep their old rows; fix or drop that branch constraint and run init again"), res.stderr
+    assert branch_a.execute("SELECT id, name FROM items") == [(1, "old")]
+    assert branch_a.scalar("SELECT count(*) FROM pg_index WHERE indrelid = 'items'::regclass AND indisvalid") \
+        == indexes
+
+
 @pytest.mark.slow
 def test_sigkill_during_init_then_rerun_finishes_the_job(setup, hq, branch_a):
     fill(hq, items=300_000, pad=100)
