@@ -142,9 +142,6 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
         if log.isEnabledFor(logging.DEBUG):
             log.debug("window query: %s", self.query.as_string(conn))
         with conn.transaction():
-            import os
-            if os.environ.get("EXP_NOSORT"):
-                conn.execute("SET LOCAL enable_sort = off")
             with conn.cursor(name="replicator_window") as cur_:
                 cur_.itersize = self.chunk_rows
                 cur_.execute(self.query, params)
