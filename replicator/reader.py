@@ -142,7 +142,9 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
         if log.isEnabledFor(logging.DEBUG):
             log.debug("window query: %s", self.query.as_string(conn))
         with conn.transaction():
-            with conn.cursor(name="replicator_window") as cur_:
+            # Binary results: records arrive as raw bytes, not hex text twice their size
+            # (no hex encoding on HQ, no decoding here); ids and times as fixed-width fields.
+            with conn.cursor(name="replicator_window", binary=True) as cur_:
                 cur_.itersize = self.chunk_rows
                 cur_.execute(self.query, params)
                 while True:
