@@ -17,7 +17,18 @@ from .errors import ConnectionFailed, ReplicatorError
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+def _sql_dir() -> Path:
+    """replicator/sql in an installed wheel, else sql/ beside the package in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if (candidate / "hq").is_dir():
+            return candidate
+    return here / "sql"
+
+
+SQL_DIR = _sql_dir()
 _MIGRATION_RE = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
 
 

@@ -24,15 +24,15 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
 import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
+from .db import SQL_DIR
+
 log = logging.getLogger(__name__)
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "sql" / "sample" / "pos_schema.sql"
+SCHEMA_FILE = SQL_DIR / "sample" / "pos_schema.sql"
 
 #: Every table of the sample schema, parents before children.
 TABLES = (
