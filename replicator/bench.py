@@ -723,9 +723,9 @@ def bench_init(env: Env) -> list[Result]:
 PGBENCH_SCRIPT = "\\set id random(1, :n)\nUPDATE items SET price = price + 1 WHERE id = :id;\n"
 
 
-def pgbench_tps(db: Database, script: Path, rows: int, seconds: int) -> float:
+def pgbench_tps(db: Database, script: Path, rows: int, seconds: int, clients: int = 2) -> float:
     c = db.cluster
-    cmd = [str(find_bindir() / "pgbench"), "-n", "-M", "prepared", "-c", "2", "-j", "2", "-T", str(seconds),
+    cmd = [str(find_bindir() / "pgbench"), "-n", "-M", "prepared", "-c", str(clients), "-j", "2", "-T", str(seconds),
            "-f", str(script), "-D", f"n={rows}", "-h", c.host, "-p", str(c.port), "-U", c.superuser, db.name]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, env=env)
@@ -801,6 +801,7 @@ def capture_overhead(env: Env, label: str, which: str) -> list[Result]:
                 bulk[on].append(bulk_update(hq))
                 say("  run %d capture %s: %.0f TPS, bulk UPDATE %.2f s", run, {True: "on", False: "off"}.get(on, on),
                     tps[on][-1], bulk[on][-1])
+        extra = [concurrent_writers(env, hq, script, rows, secs, label)] if which == "hq_durable" else []
     finally:
         hq.cluster.drop_database(hq.name)
     note = f"pgbench -M prepared, 2 clients, {secs} s, {rows:,} rows; triggers on vs off"
@@ -810,7 +811,41 @@ def capture_overhead(env: Env, label: str, which: str) -> list[Result]:
     return [ratio_result("capture on HQ", f"pgbench single-row UPDATE, {label}", median(tps[True]),
                          median(tps[False]), "TPS", 0.75, True, note + floor),
             ratio_result("capture on HQ", f"bulk UPDATE of {rows:,} rows, {label}", median(bulk[True]),
-                         median(bulk[False]), "s", 2.0, False, "one statement; capture on vs off" + floor)]
+                         median(bulk[False]), "s", 2.0, False, "one statement; capture on vs off" + floor)] + extra
+
+
+CONCURRENT_CLIENTS = 8
+
+
+def set_notify(db: Database, on: bool) -> None:
+    """replicator.notify for new sessions of the database (pgbench connects afresh each run)."""
+    name = sql.Identifier(db.name)
+    db.execute(sql.SQL("ALTER DATABASE {} RESET replicator.notify" if on else
+                       "ALTER DATABASE {} SET replicator.notify = off").format(name))
+
+
+def concurrent_writers(env: Env, hq: Database, script: Path, rows: int, secs: int, label: str) -> Result:
+    """Many writers on a durable HQ.  PostgreSQL serializes the commits of transactions
+    that NOTIFY (one database-wide lock, held through the commit's WAL flush), so group
+    commit stops working; this row shows that cost and what replicator.notify = off gives
+    back.  Informational: the issue's target is for 2 clients."""
+    modes = ("off", "on", "notify off")
+    tps: dict[str, list[float]] = {m: [] for m in modes}
+    try:
+        for run in range(env.runs):
+            for mode in (modes if run % 2 == 0 else modes[::-1]):
+                set_capture(hq, mode != "off")
+                set_notify(hq, mode != "notify off")
+                env.checkpoint()
+                tps[mode].append(pgbench_tps(hq, script, rows, secs, CONCURRENT_CLIENTS))
+                say("  run %d, %d clients, capture %s: %.0f TPS", run, CONCURRENT_CLIENTS, mode, tps[mode][-1])
+    finally:
+        set_notify(hq, True)
+    off, on, quiet = (median(tps[m]) for m in modes)
+    return Result("capture on HQ", f"pgbench single-row UPDATE, {CONCURRENT_CLIENTS} clients, {label}", on, off,
+                  "TPS", "—", None, on / off,
+                  f"with replicator.notify = off: {quiet:,.0f} TPS, {quiet / off:.2f}×; NOTIFY serializes "
+                  "commits (informational, no target)")
 
 
 # ============================================================== latency

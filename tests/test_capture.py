@@ -71,3 +71,39 @@ def test_unusual_writer_settings_do_not_change_values(tmp_path, hq, branch_a):
     a.run_once()
     assert_same(hq, branch_a, "items")
     assert branch_a.scalar("SELECT price = 0.1::float8 + 0.2::float8 FROM items") is True
+
+
+def test_upgrade_from_migration_001_regenerates_capture_with_the_notify_setting(tmp_path, hq, branch_a,
+                                                                               monkeypatch):
+    """An HQ installed before migration 002: a newer branch refuses it with one line and touches
+    nothing; `hq install` applies 002 and rebuilds every capture."""
+    from replicator import db
+    every = db.migrations("hq")
+    monkeypatch.setattr(db, "migrations", lambda kind: [m for m in every if m[0] == 1])
+    s = make_setup(tmp_path, hq, CATALOGS, SCHEMA, [branch_a])
+    a = s.add_branch("a", branch_a)
+    assert "replicator.notify" not in _capture_source(hq)
+    monkeypatch.setattr(db, "migrations", lambda kind: every)
+    branch_a.execute("INSERT INTO items (id, name) VALUES (7, 'local')")
+    r = a.cli("init")
+    assert r.returncode == 1 and r.stderr == ("error: HQ replication schema is out of date (missing migrations [2]); "
+                                              "run `replicator hq install -c hq.yaml`\n"), r.stderr
+    assert branch_a.execute("SELECT id, name FROM items") == [(7, "local")]
+    assert branch_a.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'replicat%'") == 0
+    report = s.install()
+    assert report.migrations == ["002_notify_setting"] and report.attached == ["public.items"]
+    assert "replicator.notify" in _capture_source(hq)
+    with hq.connect() as listener, hq.connect() as writer:
+        listener.execute("LISTEN replicator")
+        writer.execute("SET replicator.notify = off")
+        writer.execute("INSERT INTO items (id) VALUES (1)")
+        assert list(listener.notifies(timeout=0.5)) == []
+        writer.execute("RESET replicator.notify")
+        writer.execute("INSERT INTO items (id) VALUES (2)")
+        assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
+    assert hq.scalar("SELECT count(*) FROM replication.change_log") == 2
+
+
+def _capture_source(db) -> str:
+    return db.scalar("SELECT prosrc FROM pg_proc WHERE proname LIKE 'capture\\_%' "
+                     "AND pronamespace = 'replication'::regnamespace")

@@ -171,6 +171,22 @@ def test_polling_catches_a_change_that_sent_no_notify_and_sigint_exits_0(hq, bra
     assert_same(hq, branch_a, "items")
 
 
+def test_writers_with_notify_off_are_found_by_polling(hq, branch_a, world):
+    """replicator.notify = off (set for a busy writer role): no NOTIFY, the poll finds the change."""
+    b = world(hq, branch_a, poll_interval="1s")
+    with daemon(b) as d, hq.connect() as listener, hq.connect() as writer:
+        d.wait_for("replicating 1 tables")
+        listener.execute("LISTEN replicator")
+        writer.execute("SET replicator.notify = off")
+        writer.execute("INSERT INTO items VALUES (301, 'quiet', 3)")
+        writer.execute("UPDATE items SET price = 4 WHERE id = 1")
+        assert list(listener.notifies(timeout=0.3)) == [], "notify = off must not notify"
+        wait_until(lambda: has_item(branch_a, 301), 3.0, "quiet change on the branch")
+        assert d.signal(signal.SIGTERM) < 5
+    assert d.proc.returncode == 0, d.log
+    assert_same(hq, branch_a, "items")
+
+
 # ------------------------------------------------------------ one run per branch
 
 def test_second_run_on_the_same_branch_is_refused_naming_the_holder(hq, branch_a, world):
