@@ -19,16 +19,15 @@ log = logging.getLogger(__name__)
 
 
 
-def _sql_dir() -> Path:
-    """replicator/sql in an installed wheel, else sql/ beside the package in a checkout."""
+def data_dir(name: str, packaged_as: str | None = None) -> Path:
+    """A top-level directory of the project (sql/, config/): shipped inside the package by a
+    wheel (pyproject.toml maps it there), beside the package in a checkout."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "sql", here.parent / "sql"):
-        if (candidate / "hq").is_dir():
-            return candidate
-    return here / "sql"
+    packaged = here / (packaged_as or name)
+    return packaged if packaged.is_dir() else here.parent / name
 
 
-SQL_DIR = _sql_dir()
+SQL_DIR = data_dir("sql")
 _MIGRATION_RE = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
 
 

@@ -34,6 +34,7 @@ from rich.console import Console
 from . import cluster as cluster_mod
 from . import config, state
 from .capture import install
+from .db import data_dir
 from .cluster import Cluster, Database, server_os_user
 from .errors import ReplicatorError
 from .hq import add_branch, status as hq_status
@@ -45,7 +46,7 @@ from .verify import format_report, verify
 
 log = logging.getLogger(__name__)
 
-HQ_TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "hq.yaml"
+HQ_TEMPLATE = data_dir("config", packaged_as="templates") / "hq.yaml"   # replicator.config is a module
 DBNAME = "pos"
 SHOW_EVERY = 2.0          # seconds between progress lines while the load runs
 CATCH_UP_TIMEOUT = 120.0  # seconds the branches get to apply the last changes
