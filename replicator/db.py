@@ -18,7 +18,6 @@ from .errors import ConnectionFailed, ReplicatorError
 log = logging.getLogger(__name__)
 
 
-
 def data_dir(name: str, packaged_as: str | None = None) -> Path:
     """A top-level directory of the project (sql/, config/): shipped inside the package by a
     wheel (pyproject.toml maps it there), beside the package in a checkout."""

@@ -34,8 +34,8 @@ from rich.console import Console
 from . import cluster as cluster_mod
 from . import config, state
 from .capture import install
-from .db import data_dir
 from .cluster import Cluster, Database, server_os_user
+from .db import data_dir
 from .errors import ReplicatorError
 from .hq import add_branch, status as hq_status
 from .initialize import initialize

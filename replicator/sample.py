@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+
 import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
