@@ -5,6 +5,7 @@ performance targets: those are for the full run on a quiet machine.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -87,3 +88,16 @@ def test_a_failing_benchmark_makes_the_run_fail(monkeypatch, capsys):
     assert bench.main(["--quick", "--only", "init"]) == 1
     out = capsys.readouterr().out
     assert "initial copy: ERROR" in out and "boom" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_capture_variants_script_runs():
+    """The README quotes tests/bench_capture_variants.py: a tiny run keeps the script working."""
+    env = {**os.environ, "RUNS": "1", "ROWS": "2000", "SECONDS": "1"}
+    done = subprocess.run([sys.executable, "tests/bench_capture_variants.py", "hq"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=230)
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    for line in ("floor: an empty log row", "binary image (record_send), no join", "capture as installed",
+                 "2 clients: capture", "8 clients: capture"):
+        assert line in done.stdout, done.stdout
