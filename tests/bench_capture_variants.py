@@ -1,6 +1,7 @@
 """Where capture's cost goes: variants of the capture trigger's UPDATE statement, timed on
-one UPDATE of 1,000,000 rows against the same UPDATE without capture, and the wake-up
-NOTIFY with 2 and 8 pgbench clients.  The README's miss analysis quotes these figures.
+one UPDATE of 1,000,000 rows against the same UPDATE without capture; the single-row
+capture taken apart one piece at a time (pgbench, 2 clients); and the wake-up NOTIFY with
+2 and 8 pgbench clients.  The README's miss analysis quotes these figures.
 
 Run:  .venv/bin/python tests/bench_capture_variants.py [hq|hq_durable ...]
       (default both clusters; env RUNS=2, ROWS=1000000, SECONDS=15)
@@ -30,15 +31,25 @@ ALTER TABLE replication.change_log ADD rtext text, ADD rbin bytea;
 JOIN = ("FROM new_rows n FULL JOIN old_rows o ON o.id = n.id "
         "WHERE n.* IS NULL OR o.* IS NULL OR NOT (o.* OPERATOR(pg_catalog.*=) n.*)")
 LOG = "INSERT INTO replication.change_log (table_id, op"
-VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSERT, key trigger on)
+VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSERT (or a function of it),
+               #          key trigger on)
     "floor: an empty log row": ("floor", None, False),
     "JSONB image, no join": (True, f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;", False),
     "JSONB image, no join, key-change row trigger": (
         True, f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;", True),
+    # What writing the image's bytes costs, with no image built: one image-sized constant.
+    "an image-sized constant, no join": (
+        True, f"{LOG}, row) SELECT 1, 'U', (SELECT pg_catalog.to_jsonb(i) FROM items i LIMIT 1) FROM new_rows n;",
+        False),
     "text image, no join": (True, f"{LOG}, rtext) SELECT 1, 'U', n.*::text FROM new_rows n;", False),
     "binary image (record_send), no join": (True, f"{LOG}, rbin) SELECT 1, 'U', record_send(n.*) FROM new_rows n;",
                                             False),
     "empty log row after the join": (True, f"{LOG}) SELECT 1, 'U' {JOIN};", False),
+    "1,024 JSONB images per log row, after the join": (
+        True, f"{LOG}, row) SELECT 1, 'U', pg_catalog.jsonb_agg(img) FROM (SELECT pg_catalog.to_jsonb(n.*) img, "
+              f"pg_catalog.hashint8(coalesce(n.id, o.id)) OPERATOR(pg_catalog.&) 1023 g {JOIN}) s GROUP BY g;", False),
+    "capture as installed, work_mem = 1GB": (
+        True, lambda statement: f"PERFORM pg_catalog.set_config('work_mem', '1GB', true);\n        {statement}", False),
     "capture as installed": (True, "", False),
 }
 
@@ -59,6 +70,8 @@ def bulk_variants(env: b.Env, which: str) -> None:
         base = b.bulk_update(hq)
         for name, (mode, body, key_trigger) in VARIANTS.items():
             b.set_capture(hq, mode)
+            if callable(body):
+                body = body(statement)
             source = installed.replace(statement, body) if body else installed
             hq.execute("CREATE OR REPLACE FUNCTION replication.capture_1() RETURNS trigger LANGUAGE plpgsql "
                        "SECURITY DEFINER AS $f$" + source + "$f$")
@@ -69,6 +82,105 @@ def bulk_variants(env: b.Env, which: str) -> None:
     print(f"\n{which}: one UPDATE of {ROWS:,} rows, time vs no capture (range over {RUNS} runs)")
     for name, r in ratios.items():
         print(f"  {name:48s} {min(r):.2f}–{max(r):.2f}×")
+    hq.cluster.drop_database(hq.name)
+
+
+def strip(source: str, start: str, end: str) -> str:
+    """`source` without the first block that begins with `start` and ends with `end`."""
+    i = source.index(start)
+    return source[:i] + source[source.index(end, i) + len(end):]
+
+
+def single_row_ladder(installed: str) -> dict[str, str]:
+    """The installed capture function with one piece more removed at each step, so the
+    steps' differences add up to what single-row capture costs above the floor."""
+    no_notify = strip(installed, "    IF pg_catalog.current_setting('replicator.notify'", "\n    END IF;\n")
+    no_settings = strip(no_notify, "    IF pg_catalog.current_setting('DateStyle')", "\n    END IF;\n")
+    branch = no_settings[no_settings.index("ELSIF TG_OP = 'UPDATE'"):no_settings.index("ELSIF TG_OP = 'DELETE'")]
+    statement = branch[branch.index("INSERT INTO"):branch.rindex(";") + 1]
+    no_join = no_settings.replace(statement, f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;")
+    no_image = no_settings.replace(statement, f"{LOG}) SELECT 1, 'U' FROM new_rows n;")
+    steps = [installed, no_notify, no_settings, no_join, no_image]
+    if any(a == b for a, b in zip(steps, steps[1:])):
+        raise SystemExit("the capture function changed shape: a step of the ladder removed nothing")
+    return dict(zip(["capture as installed", "  without the NOTIFY", "  and without the writer-settings check",
+                     "  and without the old/new join", "  and without the image", INVOKER], steps + [no_image]))
+
+
+# The last step: the same body, run with the writer's rights instead of the log owner's.
+INVOKER = "  and not SECURITY DEFINER"
+
+
+def single_row_variants(env: b.Env, which: str) -> None:
+    hq, _ = b.capture_db(env, "ladder", ROWS, which)
+    hq.execute(b.FLOOR_TRIGGER)
+    script = env.workdir / "update.sql"
+    script.write_text(b.PGBENCH_SCRIPT)
+    ladder = single_row_ladder(hq.scalar("SELECT prosrc FROM pg_proc WHERE proname = 'capture_1'"))
+    tps: dict[str, list[float]] = {"no capture": [], "floor: an empty log row": [], **{n: [] for n in ladder}}
+    b.set_capture(hq, False)
+    b.bulk_update(hq)
+    for _ in range(RUNS):
+        for name in tps:
+            b.set_capture(hq, False if name == "no capture" else "floor" if name.startswith("floor") else True)
+            if name in ladder:
+                definer = "" if name == INVOKER else "SECURITY DEFINER "
+                hq.execute("CREATE OR REPLACE FUNCTION replication.capture_1() RETURNS trigger LANGUAGE plpgsql "
+                           + definer + "AS $f$" + ladder[name] + "$f$")
+            env.checkpoint()
+            tps[name].append(b.pgbench_tps(hq, script, ROWS, SECONDS))
+    off = statistics.median(tps["no capture"])
+    print(f"\n{which}: pgbench single-row UPDATE, 2 clients, {SECONDS} s, TPS vs no capture "
+          f"(median of {RUNS}; each step removes one more piece)")
+    for name, values in tps.items():
+        print(f"  {name:48s} {statistics.median(values) / off:.2f}×", flush=True)
+    hq.cluster.drop_database(hq.name)
+
+
+# What one log row costs in a bulk UPDATE: the floor trigger writing into copies of the
+# change log with one part left out at a time.
+LOG_TABLES = {
+    "  without the id's identity": """CREATE TABLE l_noid (LIKE replication.change_log INCLUDING DEFAULTS
+        INCLUDING CONSTRAINTS INCLUDING INDEXES); ALTER TABLE l_noid ALTER id DROP NOT NULL""",
+    "  without the ts BRIN index": """CREATE TABLE l_nobrin (LIKE replication.change_log INCLUDING DEFAULTS
+        INCLUDING IDENTITY INCLUDING CONSTRAINTS); CREATE INDEX ON l_nobrin (xid)""",
+    "  without the xid index": """CREATE TABLE l_noxid (LIKE replication.change_log INCLUDING DEFAULTS
+        INCLUDING IDENTITY INCLUDING CONSTRAINTS); CREATE INDEX ON l_noxid USING brin (ts)""",
+    "  a bare (table_id, op) table": "CREATE TABLE l_bare (table_id int, op \"char\")",
+}
+
+
+def log_row_parts(env: b.Env, which: str) -> None:
+    hq, _ = b.capture_db(env, "logparts", ROWS, which)
+    hq.execute(b.FLOOR_TRIGGER)
+    tables = {}
+    for name, ddl in LOG_TABLES.items():
+        hq.execute(ddl)
+        table = ddl.split()[2]
+        tables[name] = table
+        hq.execute(f"""CREATE FUNCTION {table}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+            INSERT INTO {table} (table_id, op) SELECT 0, 'U' FROM new_rows; RETURN NULL; END $$;
+            CREATE TRIGGER {table} AFTER UPDATE ON items REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION {table}()""")
+    ratios: dict[str, list[float]] = {"floor: an empty row in replication.change_log": [], **{n: [] for n in tables}}
+    b.set_capture(hq, False)
+    b.bulk_update(hq)
+    for _ in range(RUNS):
+        b.set_capture(hq, False)
+        env.checkpoint()
+        base = b.bulk_update(hq)
+        for name in ratios:
+            b.set_capture(hq, "floor" if name.startswith("floor") else False)
+            if name in tables:
+                hq.execute(f"ALTER TABLE items ENABLE TRIGGER {tables[name]}")
+            env.checkpoint()
+            ratios[name].append(b.bulk_update(hq) / base)
+            if name in tables:
+                hq.execute(f"TRUNCATE {tables[name]}")
+    print(f"\n{which}: one UPDATE of {ROWS:,} rows with one empty log row per changed row, "
+          f"time vs no capture (range over {RUNS} runs)")
+    for name, r in ratios.items():
+        print(f"  {name:48s} {min(r):.2f}–{max(r):.2f}×", flush=True)
     hq.cluster.drop_database(hq.name)
 
 
@@ -101,6 +213,9 @@ def main() -> None:
     try:
         for which in clusters:
             bulk_variants(env, which)
+            log_row_parts(env, which)
+        for which in clusters:
+            single_row_variants(env, which)
         notify_variants(env, "hq_durable")
     finally:
         env.close()
