@@ -54,13 +54,18 @@ VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSE
 }
 
 
+def update_statement(source: str) -> str:
+    """The INSERT that the capture function runs for an UPDATE (the part the variants replace)."""
+    branch = source[source.index("ELSIF TG_OP = 'UPDATE'"):source.index("ELSIF TG_OP = 'DELETE'")]
+    return branch[branch.index("INSERT INTO"):branch.rindex(";") + 1]
+
+
 def bulk_variants(env: b.Env, which: str) -> None:
     hq, _ = b.capture_db(env, "variants", ROWS, which)
     hq.execute(b.FLOOR_TRIGGER)
     hq.execute(KEY_TRIGGER)
     installed = hq.scalar("SELECT prosrc FROM pg_proc WHERE proname = 'capture_1'")
-    branch = installed[installed.index("ELSIF TG_OP = 'UPDATE'"):installed.index("ELSIF TG_OP = 'DELETE'")]
-    statement = branch[branch.index("INSERT INTO"):branch.rindex(";") + 1]
+    statement = update_statement(installed)
     ratios: dict[str, list[float]] = {name: [] for name in VARIANTS}
     b.set_capture(hq, False)
     b.bulk_update(hq)                                   # warm-up: the table reaches its steady size
@@ -85,6 +90,9 @@ def bulk_variants(env: b.Env, which: str) -> None:
     hq.cluster.drop_database(hq.name)
 
 
+INVOKER = "  and not SECURITY DEFINER"
+
+
 def strip(source: str, start: str, end: str) -> str:
     """`source` without the first block that begins with `start` and ends with `end`."""
     i = source.index(start)
@@ -96,19 +104,15 @@ def single_row_ladder(installed: str) -> dict[str, str]:
     steps' differences add up to what single-row capture costs above the floor."""
     no_notify = strip(installed, "    IF pg_catalog.current_setting('replicator.notify'", "\n    END IF;\n")
     no_settings = strip(no_notify, "    IF pg_catalog.current_setting('DateStyle')", "\n    END IF;\n")
-    branch = no_settings[no_settings.index("ELSIF TG_OP = 'UPDATE'"):no_settings.index("ELSIF TG_OP = 'DELETE'")]
-    statement = branch[branch.index("INSERT INTO"):branch.rindex(";") + 1]
+    statement = update_statement(no_settings)
     no_join = no_settings.replace(statement, f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;")
     no_image = no_settings.replace(statement, f"{LOG}) SELECT 1, 'U' FROM new_rows n;")
     steps = [installed, no_notify, no_settings, no_join, no_image]
     if any(a == b for a, b in zip(steps, steps[1:])):
         raise SystemExit("the capture function changed shape: a step of the ladder removed nothing")
+    # The last step keeps the body and runs it with the writer's rights (single_row_variants).
     return dict(zip(["capture as installed", "  without the NOTIFY", "  and without the writer-settings check",
                      "  and without the old/new join", "  and without the image", INVOKER], steps + [no_image]))
-
-
-# The last step: the same body, run with the writer's rights instead of the log owner's.
-INVOKER = "  and not SECURITY DEFINER"
 
 
 def single_row_variants(env: b.Env, which: str) -> None:
