@@ -4,7 +4,8 @@ capture taken apart one piece at a time (pgbench, 2 clients); and the wake-up NO
 2 and 8 pgbench clients.  The README's miss analysis quotes these figures.
 
 Run:  .venv/bin/python tests/bench_capture_variants.py [hq|hq_durable ...]
-      (default both clusters; env RUNS=2, ROWS=1000000, SECONDS=15)
+      (default both clusters; env RUNS=2, ROWS=1000000, SECONDS=15,
+      PARTS=bulk,log,single,notify picks parts)
 """
 import os
 import statistics
@@ -18,6 +19,7 @@ from replicator import bench as b  # noqa: E402
 RUNS = int(os.environ.get("RUNS", "2"))
 ROWS = int(os.environ.get("ROWS", "1000000"))
 SECONDS = int(os.environ.get("SECONDS", "15"))
+PARTS = os.environ.get("PARTS", "bulk,log,single,notify").split(",")
 
 # A key-change detector that costs nothing when keys stay: a row trigger whose WHEN is false.
 KEY_TRIGGER = """
@@ -25,32 +27,40 @@ CREATE FUNCTION bench_keychg() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
     INSERT INTO replication.change_log (table_id, op, row) VALUES (1, 'D', to_jsonb(OLD)); RETURN NULL; END $$;
 CREATE TRIGGER bench_keychg AFTER UPDATE ON items FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id)
     EXECUTE FUNCTION bench_keychg();
-ALTER TABLE items DISABLE TRIGGER bench_keychg;
+-- The capture function under a statement trigger that keeps no old transition table.
+CREATE TRIGGER bench_newonly AFTER UPDATE ON items REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION replication.capture_1();
+ALTER TABLE items DISABLE TRIGGER bench_keychg, DISABLE TRIGGER bench_newonly;
 ALTER TABLE replication.change_log ADD rtext text, ADD rbin bytea;
 """
 JOIN = ("FROM new_rows n FULL JOIN old_rows o ON o.id = n.id "
-        "WHERE n.* IS NULL OR o.* IS NULL OR NOT (o.* OPERATOR(pg_catalog.*=) n.*)")
+        "WHERE n.id IS NULL OR o.id IS NULL OR NOT (o.* OPERATOR(pg_catalog.*=) n.*)")
 LOG = "INSERT INTO replication.change_log (table_id, op"
+NO_JOIN = f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;"
 VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSERT (or a function of it),
-               #          key trigger on)
-    "floor: an empty log row": ("floor", None, False),
-    "JSONB image, no join": (True, f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;", False),
-    "JSONB image, no join, key-change row trigger": (
-        True, f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;", True),
+               #          extra triggers on: "key" the key-change row trigger, "new only" the
+               #          capture function without the old transition table instead of capture's)
+    "floor: an empty log row": ("floor", None, ()),
+    "JSONB image, no join": (True, NO_JOIN, ()),
+    "JSONB image, no join, key-change row trigger": (True, NO_JOIN, ("key",)),
+    "the same without the old transition table": (False, NO_JOIN, ("key", "new only")),
+    "row_to_json image, no join, key-change trigger": (
+        True, f"{LOG}, rtext) SELECT 1, 'U', pg_catalog.row_to_json(n.*)::text FROM new_rows n;", ("key",)),
     # What writing the image's bytes costs, with no image built: one image-sized constant.
     "an image-sized constant, no join": (
         True, f"{LOG}, row) SELECT 1, 'U', (SELECT pg_catalog.to_jsonb(i) FROM items i LIMIT 1) FROM new_rows n;",
-        False),
-    "text image, no join": (True, f"{LOG}, rtext) SELECT 1, 'U', n.*::text FROM new_rows n;", False),
+        ()),
+    "text image, no join": (True, f"{LOG}, rtext) SELECT 1, 'U', n.*::text FROM new_rows n;", ()),
     "binary image (record_send), no join": (True, f"{LOG}, rbin) SELECT 1, 'U', record_send(n.*) FROM new_rows n;",
-                                            False),
-    "empty log row after the join": (True, f"{LOG}) SELECT 1, 'U' {JOIN};", False),
+                                            ()),
+    "empty log row after the join": (True, f"{LOG}) SELECT 1, 'U' {JOIN};", ()),
     "1,024 JSONB images per log row, after the join": (
         True, f"{LOG}, row) SELECT 1, 'U', pg_catalog.jsonb_agg(img) FROM (SELECT pg_catalog.to_jsonb(n.*) img, "
-              f"pg_catalog.hashint8(coalesce(n.id, o.id)) OPERATOR(pg_catalog.&) 1023 g {JOIN}) s GROUP BY g;", False),
+              f"pg_catalog.hashint8(coalesce(n.id, o.id)) OPERATOR(pg_catalog.&) 1023 g {JOIN}) s GROUP BY g;", ()),
     "capture as installed, work_mem = 1GB": (
-        True, lambda statement: f"PERFORM pg_catalog.set_config('work_mem', '1GB', true);\n        {statement}", False),
-    "capture as installed": (True, "", False),
+        True, lambda statement: f"PERFORM pg_catalog.set_config('work_mem', '1GB', true);\n        {statement}", ()),
+    "capture before migration 003 (whole-row NULL tests)": (True, "before 003", ()),
+    "capture as installed": (True, "", ()),
 }
 
 
@@ -58,6 +68,25 @@ def update_statement(source: str) -> str:
     """The INSERT that the capture function runs for an UPDATE (the part the variants replace)."""
     branch = source[source.index("ELSIF TG_OP = 'UPDATE'"):source.index("ELSIF TG_OP = 'DELETE'")]
     return branch[branch.index("INSERT INTO"):branch.rindex(";") + 1]
+
+
+def before_003(installed: str) -> str:
+    """The capture function as migration 002 generated it: whole-row NULL tests in the join,
+    and the writer-settings check for every table (the check's text is in migration 003)."""
+    migration = (Path(__file__).resolve().parent.parent / "sql/hq/003_lean_capture.sql").read_text()
+    guard, restore = (block.split("$g$;")[0] for block in migration.split(":= $g$")[1:3])
+    old = installed.replace("n.id IS NULL", "n.* IS NULL").replace("o.id IS NULL", "o.* IS NULL")
+    old = old.replace("BEGIN\n", "BEGIN" + guard + "\n", 1).replace("\n    RETURN NULL;", restore + "\n    RETURN NULL;")
+    if old.count("current_setting('DateStyle')") != 2 or "n.* IS NULL" not in old:
+        raise SystemExit("the capture function changed shape: cannot rebuild the one before migration 003")
+    return old
+
+
+def check_logged(name: str, rows: int) -> None:
+    """A variant that logs nothing would look cheap: each must write what its name says."""
+    expected = range(1, 1025) if "per log row" in name else range(ROWS, ROWS + 1)
+    if rows not in expected:
+        raise SystemExit(f"variant {name!r} wrote {rows} log rows for an UPDATE of {ROWS} rows")
 
 
 def bulk_variants(env: b.Env, which: str) -> None:
@@ -70,24 +99,44 @@ def bulk_variants(env: b.Env, which: str) -> None:
     b.set_capture(hq, False)
     b.bulk_update(hq)                                   # warm-up: the table reaches its steady size
     for run in range(RUNS):
-        b.set_capture(hq, False)
-        env.checkpoint()
-        base = b.bulk_update(hq)
-        for name, (mode, body, key_trigger) in VARIANTS.items():
+        seconds = {}
+        for name, (mode, body, extra) in VARIANTS.items():
             b.set_capture(hq, mode)
             if callable(body):
                 body = body(statement)
-            source = installed.replace(statement, body) if body else installed
+            source = before_003(installed) if body == "before 003" else \
+                installed.replace(statement, body) if body else installed
             hq.execute("CREATE OR REPLACE FUNCTION replication.capture_1() RETURNS trigger LANGUAGE plpgsql "
                        "SECURITY DEFINER AS $f$" + source + "$f$")
-            hq.execute(f"ALTER TABLE items {'ENABLE' if key_trigger else 'DISABLE'} TRIGGER bench_keychg")
+            for trigger, key in (("bench_keychg", "key"), ("bench_newonly", "new only")):
+                hq.execute(f"ALTER TABLE items {'ENABLE' if key in extra else 'DISABLE'} TRIGGER {trigger}")
             env.checkpoint()
-            ratios[name].append(b.bulk_update(hq) / base)
+            logged: list[int] = []
+            seconds[name] = b.bulk_update(hq, logged)
+            check_logged(name, logged[0])
+        base = baseline(env, hq)
+        for name, value in seconds.items():
+            ratios[name].append(value / base)
         print(f"{which} run {run}: " + ", ".join(f"{n} {r[-1]:.2f}×" for n, r in ratios.items()), flush=True)
-    print(f"\n{which}: one UPDATE of {ROWS:,} rows, time vs no capture (range over {RUNS} runs)")
-    for name, r in ratios.items():
-        print(f"  {name:48s} {min(r):.2f}–{max(r):.2f}×")
+    report(f"{which}: one UPDATE of {ROWS:,} rows, time vs no capture", ratios)
     hq.cluster.drop_database(hq.name)
+
+
+def baseline(env: b.Env, hq) -> float:
+    """The UPDATE without capture, twice, the faster counting: the shared machine now and then
+    slows one statement down, and one slow baseline would flatter every ratio of its run."""
+    b.set_capture(hq, False)
+    times = []
+    for _ in range(2):
+        env.checkpoint()
+        times.append(b.bulk_update(hq))
+    return min(times)
+
+
+def report(title: str, ratios: dict[str, list[float]]) -> None:
+    print(f"\n{title} (median and range over {RUNS} runs)")
+    for name, r in ratios.items():
+        print(f"  {name:48s} {statistics.median(r):.2f}×  ({min(r):.2f}–{max(r):.2f})", flush=True)
 
 
 INVOKER = "  and not SECURITY DEFINER"
@@ -99,20 +148,28 @@ def strip(source: str, start: str, end: str) -> str:
     return source[:i] + source[source.index(end, i) + len(end):]
 
 
+SETTINGS_CHECK = "    IF pg_catalog.current_setting('DateStyle')"
+
+
 def single_row_ladder(installed: str) -> dict[str, str]:
     """The installed capture function with one piece more removed at each step, so the
-    steps' differences add up to what single-row capture costs above the floor."""
+    steps' differences add up to what single-row capture costs above the floor.  The
+    writer-settings check is generated only for tables that need it (items does not): with
+    it, the ladder has a step for it."""
     no_notify = strip(installed, "    IF pg_catalog.current_setting('replicator.notify'", "\n    END IF;\n")
-    no_settings = strip(no_notify, "    IF pg_catalog.current_setting('DateStyle')", "\n    END IF;\n")
-    statement = update_statement(no_settings)
-    no_join = no_settings.replace(statement, f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;")
-    no_image = no_settings.replace(statement, f"{LOG}) SELECT 1, 'U' FROM new_rows n;")
-    steps = [installed, no_notify, no_settings, no_join, no_image]
-    if any(a == b for a, b in zip(steps, steps[1:])):
+    steps = {"capture as installed": installed, "  without the NOTIFY": no_notify}
+    body = no_notify
+    if SETTINGS_CHECK in body:
+        body = steps["  and without the writer-settings check"] = strip(body, SETTINGS_CHECK, "\n    END IF;\n")
+    statement = update_statement(body)
+    steps["  and without the old/new join"] = body.replace(
+        statement, f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;")
+    steps["  and without the image"] = body.replace(statement, f"{LOG}) SELECT 1, 'U' FROM new_rows n;")
+    sources = list(steps.values())
+    if any(a == b for a, b in zip(sources, sources[1:])):
         raise SystemExit("the capture function changed shape: a step of the ladder removed nothing")
     # The last step keeps the body and runs it with the writer's rights (single_row_variants).
-    return dict(zip(["capture as installed", "  without the NOTIFY", "  and without the writer-settings check",
-                     "  and without the old/new join", "  and without the image", INVOKER], steps + [no_image]))
+    return {"capture before migration 003": before_003(installed), **steps, INVOKER: steps["  and without the image"]}
 
 
 def single_row_variants(env: b.Env, which: str) -> None:
@@ -170,21 +227,20 @@ def log_row_parts(env: b.Env, which: str) -> None:
     b.set_capture(hq, False)
     b.bulk_update(hq)
     for _ in range(RUNS):
-        b.set_capture(hq, False)
-        env.checkpoint()
-        base = b.bulk_update(hq)
+        seconds = {}
         for name in ratios:
             b.set_capture(hq, "floor" if name.startswith("floor") else False)
             if name in tables:
                 hq.execute(f"ALTER TABLE items ENABLE TRIGGER {tables[name]}")
             env.checkpoint()
-            ratios[name].append(b.bulk_update(hq) / base)
+            seconds[name] = b.bulk_update(hq)
             if name in tables:
                 hq.execute(f"TRUNCATE {tables[name]}")
-    print(f"\n{which}: one UPDATE of {ROWS:,} rows with one empty log row per changed row, "
-          f"time vs no capture (range over {RUNS} runs)")
-    for name, r in ratios.items():
-        print(f"  {name:48s} {min(r):.2f}–{max(r):.2f}×", flush=True)
+        base = baseline(env, hq)
+        for name, value in seconds.items():
+            ratios[name].append(value / base)
+    report(f"{which}: one UPDATE of {ROWS:,} rows with one empty log row per changed row, time vs no capture",
+           ratios)
     hq.cluster.drop_database(hq.name)
 
 
@@ -216,11 +272,15 @@ def main() -> None:
     env = b.Env(Path(tempfile.mkdtemp(prefix="bench-variants-")), b.FULL, RUNS)
     try:
         for which in clusters:
-            bulk_variants(env, which)
-            log_row_parts(env, which)
+            if "bulk" in PARTS:
+                bulk_variants(env, which)
+            if "log" in PARTS:
+                log_row_parts(env, which)
         for which in clusters:
-            single_row_variants(env, which)
-        notify_variants(env, "hq_durable")
+            if "single" in PARTS:
+                single_row_variants(env, which)
+        if "notify" in PARTS:
+            notify_variants(env, "hq_durable")
     finally:
         env.close()
 

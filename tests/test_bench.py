@@ -100,7 +100,8 @@ def test_capture_variants_script_runs():
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     for line in ("floor: an empty log row", "binary image (record_send), no join", "capture as installed",
                  "an image-sized constant, no join", "1,024 JSONB images per log row", "work_mem = 1GB",
-                 "and without the writer-settings check",
                  "and without the image", "and not SECURITY DEFINER", "without the xid index",
-                 "a bare (table_id, op) table", "2 clients: capture", "8 clients: capture"):
+                 "a bare (table_id, op) table", "2 clients: capture", "8 clients: capture",
+                 "without the old transition table", "row_to_json image, no join",
+                 "capture before migration 003"):
         assert line in done.stdout, done.stdout

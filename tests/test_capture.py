@@ -75,24 +75,24 @@ def test_unusual_writer_settings_do_not_change_values(tmp_path, hq, branch_a):
 
 def test_upgrade_from_migration_001_regenerates_capture_with_the_notify_setting(tmp_path, hq, branch_a,
                                                                                monkeypatch):
-    """An HQ installed before migration 002: a newer branch refuses it with one line and touches
-    nothing; `hq install` applies 002 and rebuilds every capture."""
+    """An HQ installed before migrations 002 and 003: a newer branch refuses it with one line and
+    touches nothing; `hq install` applies them and rebuilds every capture."""
     from replicator import db
     every = db.migrations("hq")
     monkeypatch.setattr(db, "migrations", lambda kind: [m for m in every if m[0] == 1])
     s = make_setup(tmp_path, hq, CATALOGS, SCHEMA, [branch_a])
     a = s.add_branch("a", branch_a)
-    assert "replicator.notify" not in _capture_source(hq)
+    assert "replicator.notify" not in _capture_source(hq) and "n.* IS NULL" in _capture_source(hq)
     monkeypatch.setattr(db, "migrations", lambda kind: every)
     branch_a.execute("INSERT INTO items (id, name) VALUES (7, 'local')")
     r = a.cli("init")
-    assert r.returncode == 1 and r.stderr == ("error: HQ replication schema is out of date (missing migrations [2]); "
+    assert r.returncode == 1 and r.stderr == ("error: HQ replication schema is out of date (missing migrations [2, 3]); "
                                               "run `replicator hq install -c hq.yaml`\n"), r.stderr
     assert branch_a.execute("SELECT id, name FROM items") == [(7, "local")]
     assert branch_a.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'replicat%'") == 0
     report = s.install()
-    assert report.migrations == ["002_notify_setting"] and report.attached == ["public.items"]
-    assert "replicator.notify" in _capture_source(hq)
+    assert report.migrations == ["002_notify_setting", "003_lean_capture"] and report.attached == ["public.items"]
+    assert "replicator.notify" in _capture_source(hq) and "n.* IS NULL" not in _capture_source(hq)
     with hq.connect() as listener, hq.connect() as writer:
         listener.execute("LISTEN replicator")
         writer.execute("SET replicator.notify = off")
@@ -102,6 +102,26 @@ def test_upgrade_from_migration_001_regenerates_capture_with_the_notify_setting(
         writer.execute("INSERT INTO items (id) VALUES (2)")
         assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
     assert hq.scalar("SELECT count(*) FROM replication.change_log") == 2
+
+
+def test_update_logs_changed_rows_only_and_a_key_move_as_delete_plus_upsert(tmp_path, hq):
+    """The UPDATE statement pairs old and new rows: unchanged rows write nothing, NULLs count
+    as values, and a row whose key moved is a delete of the old key and an upsert of the new."""
+    make_setup(tmp_path, hq, CATALOGS, SCHEMA)
+    hq.execute("INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 5) g")
+
+    def logged(statement: str) -> list[tuple]:
+        hq.execute("TRUNCATE replication.change_log")
+        hq.execute(statement)
+        return sorted(hq.execute("SELECT op, (row ->> 'id')::int, row ->> 'name' FROM replication.change_log"))
+
+    assert logged("UPDATE items SET name = name") == []
+    assert logged("UPDATE items SET name = CASE id WHEN 2 THEN 'two' ELSE name END") == [("U", 2, "two")]
+    assert logged("UPDATE items SET name = NULL WHERE id = 4") == [("U", 4, None)]
+    assert logged("UPDATE items SET name = NULL WHERE id = 4") == []
+    assert logged("UPDATE items SET id = id + 10 WHERE id = 3") == [("D", 3, "n3"), ("U", 13, "n3")]
+    assert logged("UPDATE items SET id = id + 100, name = CASE id WHEN 1 THEN 'one' ELSE name END "
+                  "WHERE id IN (1, 2)") == [("D", 1, "n1"), ("D", 2, "two"), ("U", 101, "one"), ("U", 102, "two")]
 
 
 def _capture_source(db) -> str:

@@ -210,3 +210,53 @@ def test_key_written_from_different_time_zones(tmp_path, hq, branch_a):
     assert branch.run_once() == 0
     assert_same(hq, branch_a, "keyed")
     assert branch_a.execute("SELECT k, v FROM keyed") == [("b", 3)]
+
+
+SETTLED_SCHEMA = """
+CREATE TYPE mood AS ENUM ('sad', 'ok');
+CREATE DOMAIN day AS date;
+CREATE TABLE settled (id int PRIMARY KEY, n numeric, d day, ts timestamp, tstz timestamptz, j json,
+                      jb jsonb, u uuid, m mood, bo boolean, vc varchar(10), ch char(3), i8 bigint);
+CREATE TABLE with_interval (id int PRIMARY KEY, iv interval);
+CREATE TABLE with_bytea (id int PRIMARY KEY, b bytea);
+CREATE TABLE with_time (id int PRIMARY KEY, t time);
+"""
+SETTLED = ["settled", "with_interval", "with_bytea", "with_time"]
+
+
+def _has_settings_check(db, table: str) -> bool:
+    source = db.scalar("SELECT p.prosrc FROM replication.tables t JOIN pg_proc p ON p.proname = 'capture_' || t.id "
+                       "WHERE t.table_name = %s", (table,))
+    return "current_setting('DateStyle')" in source
+
+
+def test_settings_check_only_for_tables_whose_images_depend_on_settings(tmp_path, hq, branch_a):
+    """Capture pins the writer's output settings only where a column's image depends on them;
+    a table of integers, numerics, texts, dates, timestamps, json, uuids and enums skips the
+    check, and its rows still arrive exactly from a session with every setting unusual."""
+    cats = {"settled": {"label": "Settled", "default": True, "tables": SETTLED}}
+    setup = make_setup(tmp_path, hq, cats, SETTLED_SCHEMA, [branch_a])
+    assert [t for t in SETTLED if _has_settings_check(hq, t)] == ["with_interval", "with_bytea", "with_time"]
+    branch = setup.add_branch("settled", branch_a)
+    _odd_sessions(branch)
+    branch.init()
+    with hq.connect() as conn:
+        for setting in ODD_SETTINGS.split("-c ")[1:]:
+            name, value = setting.strip().split("=", 1)
+            conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        conn.execute("""INSERT INTO settled VALUES
+            (1, 1.50, '2024-02-29', '1999-12-31 23:59:59.5', '1850-01-01 12:00:00', '{"b": 1, "a": 2}',
+             '{"x": [1.0, null]}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'ok', true, 'v', 'c', 9007199254740993),
+            (2, 'NaN', 'infinity', '-infinity', 'epoch', 'null', 'null', NULL, 'sad', false, '', '', -1)""")
+        conn.execute("UPDATE settled SET d = d - 1, ts = ts + interval '1 day' WHERE id = 1")
+        conn.execute("INSERT INTO with_interval VALUES (1, '-1 year 2 mons -3 days 04:05:06.789')")
+        conn.execute("INSERT INTO with_bytea VALUES (1, '\\x005c27'::bytea)")
+        conn.execute("INSERT INTO with_time VALUES (1, '23:59:59.999999')")
+        assert conn.execute("SHOW DateStyle").fetchone()[0] == "SQL, DMY"
+    assert branch.run_once() == 0
+    for table in SETTLED:
+        assert_same(hq, branch_a, table)
+    assert branch_a.scalar("SELECT d::text FROM settled WHERE id = 1") == "2024-02-28"
+    # a column added later whose image depends on a setting brings the check back
+    hq.execute("ALTER TABLE settled ADD COLUMN f float8")
+    assert _has_settings_check(hq, "settled")
