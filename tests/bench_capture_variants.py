@@ -37,7 +37,8 @@ JOIN = ("FROM new_rows n FULL JOIN old_rows o ON o.id = n.id "
         "WHERE n.id IS NULL OR o.id IS NULL OR NOT (o.* OPERATOR(pg_catalog.*=) n.*)")
 LOG = "INSERT INTO replication.change_log (table_id, op"
 NO_JOIN = f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;"
-VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSERT (or a function of it),
+VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSERT (or a function of the
+               #          installed source and that INSERT giving the whole source),
                #          extra triggers on: "key" the key-change row trigger, "new only" the
                #          capture function without the old transition table instead of capture's)
     "floor: an empty log row": ("floor", None, ()),
@@ -58,8 +59,9 @@ VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSE
         True, f"{LOG}, row) SELECT 1, 'U', pg_catalog.jsonb_agg(img) FROM (SELECT pg_catalog.to_jsonb(n.*) img, "
               f"pg_catalog.hashint8(coalesce(n.id, o.id)) OPERATOR(pg_catalog.&) 1023 g {JOIN}) s GROUP BY g;", ()),
     "capture as installed, work_mem = 1GB": (
-        True, lambda statement: f"PERFORM pg_catalog.set_config('work_mem', '1GB', true);\n        {statement}", ()),
-    "capture before migration 003 (whole-row NULL tests)": (True, "before 003", ()),
+        True, lambda source, statement: source.replace(
+            statement, f"PERFORM pg_catalog.set_config('work_mem', '1GB', true);\n        {statement}"), ()),
+    "capture before migration 003 (whole-row NULL tests)": (True, lambda source, _: before_003(source), ()),
     "capture as installed": (True, "", ()),
 }
 
@@ -102,9 +104,7 @@ def bulk_variants(env: b.Env, which: str) -> None:
         seconds = {}
         for name, (mode, body, extra) in VARIANTS.items():
             b.set_capture(hq, mode)
-            if callable(body):
-                body = body(statement)
-            source = before_003(installed) if body == "before 003" else \
+            source = body(installed, statement) if callable(body) else \
                 installed.replace(statement, body) if body else installed
             hq.execute("CREATE OR REPLACE FUNCTION replication.capture_1() RETURNS trigger LANGUAGE plpgsql "
                        "SECURITY DEFINER AS $f$" + source + "$f$")
