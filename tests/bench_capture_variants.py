@@ -5,7 +5,8 @@ capture taken apart one piece at a time (pgbench, 2 clients); and the wake-up NO
 
 Run:  .venv/bin/python tests/bench_capture_variants.py [hq|hq_durable ...]
       (default both clusters; env RUNS=2, ROWS=1000000, SECONDS=15,
-      PARTS=bulk,log,single,notify picks parts)
+      PARTS=bulk,log,single,notify picks parts; PICK=text,text keeps the bulk variants whose
+      names contain one of the texts, e.g. PICK="floor,before migration,as installed")
 """
 import os
 import statistics
@@ -20,6 +21,7 @@ RUNS = int(os.environ.get("RUNS", "2"))
 ROWS = int(os.environ.get("ROWS", "1000000"))
 SECONDS = int(os.environ.get("SECONDS", "15"))
 PARTS = os.environ.get("PARTS", "bulk,log,single,notify").split(",")
+PICK = [text for text in os.environ.get("PICK", "").split(",") if text]
 
 # A key-change detector that costs nothing when keys stay: a row trigger whose WHEN is false.
 KEY_TRIGGER = """
@@ -62,14 +64,32 @@ VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSE
         True, lambda source, statement: source.replace(
             statement, f"PERFORM pg_catalog.set_config('work_mem', '1GB', true);\n        {statement}"), ()),
     "capture before migration 003 (whole-row NULL tests)": (True, lambda source, _: before_003(source), ()),
+    "capture before migration 004 (merge join, JIT)": (True, lambda source, _: before_004(source), ()),
     "capture as installed": (True, "", ()),
 }
 
 
+def update_branch(source: str) -> str:
+    """What the capture function does for an UPDATE."""
+    return source[source.index("ELSIF TG_OP = 'UPDATE'"):source.index("ELSIF TG_OP = 'DELETE'")]
+
+
 def update_statement(source: str) -> str:
-    """The INSERT that the capture function runs for an UPDATE (the part the variants replace)."""
-    branch = source[source.index("ELSIF TG_OP = 'UPDATE'"):source.index("ELSIF TG_OP = 'DELETE'")]
-    return branch[branch.index("INSERT INTO"):branch.rindex(";") + 1]
+    """The INSERT that the capture function runs for an UPDATE (the part the variants replace;
+    since migration 004 the function has it twice, for small and for bulk statements)."""
+    branch = update_branch(source)
+    start = branch.index("INSERT INTO")
+    return branch[start:branch.index(";", start) + 1]
+
+
+def before_004(installed: str) -> str:
+    """The capture function as migration 003 generated it: one copy of the UPDATE statement,
+    planned at its first run in a session (here a bulk one: merge join, JIT)."""
+    branch = update_branch(installed)
+    if branch.count(update_statement(installed)) != 2:
+        raise SystemExit("the capture function changed shape: cannot rebuild the one before migration 004")
+    comment = branch[:branch.index("        -- A session plans")]
+    return installed.replace(branch, f"{comment}        {update_statement(installed)}\n    ")
 
 
 def before_003(installed: str) -> str:
@@ -77,7 +97,7 @@ def before_003(installed: str) -> str:
     and the writer-settings check for every table (the check's text is in migration 003)."""
     migration = (Path(__file__).resolve().parent.parent / "sql/hq/003_lean_capture.sql").read_text()
     guard, restore = (block.split("$g$;")[0] for block in migration.split(":= $g$")[1:3])
-    old = installed.replace("n.id IS NULL", "n.* IS NULL").replace("o.id IS NULL", "o.* IS NULL")
+    old = before_004(installed).replace("n.id IS NULL", "n.* IS NULL").replace("o.id IS NULL", "o.* IS NULL")
     old = old.replace("BEGIN\n", "BEGIN" + guard + "\n", 1).replace("\n    RETURN NULL;", restore + "\n    RETURN NULL;")
     if old.count("current_setting('DateStyle')") != 2 or "n.* IS NULL" not in old:
         raise SystemExit("the capture function changed shape: cannot rebuild the one before migration 003")
@@ -97,12 +117,13 @@ def bulk_variants(env: b.Env, which: str) -> None:
     hq.execute(KEY_TRIGGER)
     installed = hq.scalar("SELECT prosrc FROM pg_proc WHERE proname = 'capture_1'")
     statement = update_statement(installed)
-    ratios: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    picked = {name: v for name, v in VARIANTS.items() if not PICK or any(text in name for text in PICK)}
+    ratios: dict[str, list[float]] = {name: [] for name in picked}
     b.set_capture(hq, False)
     b.bulk_update(hq)                                   # warm-up: the table reaches its steady size
     for run in range(RUNS):
         seconds = {}
-        for name, (mode, body, extra) in VARIANTS.items():
+        for name, (mode, body, extra) in picked.items():
             b.set_capture(hq, mode)
             source = body(installed, statement) if callable(body) else \
                 installed.replace(statement, body) if body else installed
@@ -169,7 +190,8 @@ def single_row_ladder(installed: str) -> dict[str, str]:
     if any(a == b for a, b in zip(sources, sources[1:])):
         raise SystemExit("the capture function changed shape: a step of the ladder removed nothing")
     # The last step keeps the body and runs it with the writer's rights (single_row_variants).
-    return {"capture before migration 003": before_003(installed), **steps, INVOKER: steps["  and without the image"]}
+    return {"capture before migration 003": before_003(installed), "capture before migration 004": before_004(installed),
+            **steps, INVOKER: steps["  and without the image"]}
 
 
 def single_row_variants(env: b.Env, which: str) -> None:

@@ -75,7 +75,7 @@ def test_unusual_writer_settings_do_not_change_values(tmp_path, hq, branch_a):
 
 def test_upgrade_from_migration_001_regenerates_capture_with_the_notify_setting(tmp_path, hq, branch_a,
                                                                                monkeypatch):
-    """An HQ installed before migrations 002 and 003: a newer branch refuses it with one line and
+    """An HQ installed before migrations 002-004: a newer branch refuses it with one line and
     touches nothing; `hq install` applies them and rebuilds every capture."""
     from replicator import db
     every = db.migrations("hq")
@@ -86,13 +86,15 @@ def test_upgrade_from_migration_001_regenerates_capture_with_the_notify_setting(
     monkeypatch.setattr(db, "migrations", lambda kind: every)
     branch_a.execute("INSERT INTO items (id, name) VALUES (7, 'local')")
     r = a.cli("init")
-    assert r.returncode == 1 and r.stderr == ("error: HQ replication schema is out of date (missing migrations [2, 3]); "
+    assert r.returncode == 1 and r.stderr == ("error: HQ replication schema is out of date (missing migrations [2, 3, 4]); "
                                               "run `replicator hq install -c hq.yaml`\n"), r.stderr
     assert branch_a.execute("SELECT id, name FROM items") == [(7, "local")]
     assert branch_a.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'replicat%'") == 0
     report = s.install()
-    assert report.migrations == ["002_notify_setting", "003_lean_capture"] and report.attached == ["public.items"]
-    assert "replicator.notify" in _capture_source(hq) and "n.* IS NULL" not in _capture_source(hq)
+    assert report.migrations == ["002_notify_setting", "003_lean_capture", "004_stable_update_plan"]
+    assert report.attached == ["public.items"]
+    source = _capture_source(hq)
+    assert "replicator.notify" in source and "n.* IS NULL" not in source and "enable_mergejoin" in source
     with hq.connect() as listener, hq.connect() as writer:
         listener.execute("LISTEN replicator")
         writer.execute("SET replicator.notify = off")
@@ -122,6 +124,55 @@ def test_update_logs_changed_rows_only_and_a_key_move_as_delete_plus_upsert(tmp_
     assert logged("UPDATE items SET id = id + 10 WHERE id = 3") == [("D", 3, "n3"), ("U", 13, "n3")]
     assert logged("UPDATE items SET id = id + 100, name = CASE id WHEN 1 THEN 'one' ELSE name END "
                   "WHERE id IN (1, 2)") == [("D", 1, "n1"), ("D", 2, "two"), ("U", 101, "one"), ("U", 102, "two")]
+
+
+def _update_plans(conn, statement: str) -> list[str]:
+    """The plans of the capture statements that `statement` runs (auto_explain, nested)."""
+    plans: list[str] = []
+    conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+    for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                    "SET auto_explain.log_nested_statements = on", "SET client_min_messages = log"):
+        conn.execute(setting)
+    plans.clear()
+    conn.execute(statement)
+    return [p for p in plans if "INSERT INTO replication.change_log" in p]
+
+
+def test_bulk_update_gets_the_same_plan_whatever_the_session_ran_first(tmp_path, hq):
+    """A session plans capture's UPDATE statement once and keeps the plan: a bulk UPDATE first
+    in a session must not leave a bulk plan to later single-row UPDATEs, nor a single-row
+    UPDATE first a one-row plan to bulk ones.  Statements of 1,000 rows or more run their
+    own copy, planned with a hash join and without JIT, and the session's settings stay."""
+    make_setup(tmp_path, hq, CATALOGS, SCHEMA)
+    hq.execute("INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 200000) g")
+    hq.execute("VACUUM ANALYZE items")
+    bulk, single = "UPDATE items SET name = name || 'x'", "UPDATE items SET name = 'one' WHERE id = 1"
+    for first, then in ((bulk, single), (single, bulk)):
+        with hq.connect() as conn:
+            conn.execute("SET jit = on; SET jit_above_cost = 100000; SET enable_mergejoin = on")
+            plans = _update_plans(conn, first) + _update_plans(conn, then)
+            assert conn.execute("SELECT current_setting('jit'), current_setting('enable_mergejoin')").fetchone() == \
+                ("on", "on")
+        by_size = dict(zip((first, then), plans))
+        assert len(plans) == 2 and "Hash Full Join" in by_size[bulk] and "JIT:" not in by_size[bulk], plans
+        assert "rows=1 " in by_size[single] and "JIT:" not in by_size[single], plans
+    with hq.connect() as conn:   # a session that turned merge joins off keeps them off
+        conn.execute("SET enable_mergejoin = off")
+        conn.execute(bulk)
+        assert conn.execute("SHOW enable_mergejoin").fetchone() == ("off",)
+
+
+def test_bulk_update_logs_like_a_small_one(tmp_path, hq):
+    """The copy of the UPDATE statement for 1,000 rows or more writes what the small one
+    writes: changed rows, NULLs as values, a moved key as delete plus upsert, no no-ops."""
+    make_setup(tmp_path, hq, CATALOGS, SCHEMA)
+    hq.execute("INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 1500) g")
+    hq.execute("UPDATE items SET id = CASE id WHEN 1 THEN 5000 ELSE id END, "
+               "name = CASE WHEN id % 500 = 0 THEN NULL WHEN id % 2 = 0 THEN name || 'x' ELSE name END")
+    logged = hq.execute("SELECT op, (row ->> 'id')::int, row ->> 'name' FROM replication.change_log "
+                        "WHERE op <> 'I' ORDER BY 2, 1")
+    changed = [("U", i, None if i % 500 == 0 else f"n{i}x") for i in range(2, 1501, 2)]
+    assert logged == [("D", 1, "n1")] + changed + [("U", 5000, "n1")]
 
 
 def _capture_source(db) -> str:
