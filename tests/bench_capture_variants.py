@@ -69,27 +69,23 @@ VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSE
 }
 
 
-def update_branch(source: str) -> str:
-    """What the capture function does for an UPDATE."""
-    return source[source.index("ELSIF TG_OP = 'UPDATE'"):source.index("ELSIF TG_OP = 'DELETE'")]
-
-
 def update_statement(source: str) -> str:
     """The INSERT that the capture function runs for an UPDATE (the part the variants replace;
     since migration 004 the function has it twice, for small and for bulk statements)."""
-    branch = update_branch(source)
-    start = branch.index("INSERT INTO")
-    return branch[start:branch.index(";", start) + 1]
+    start = source.index("INSERT INTO", source.index("ELSIF TG_OP = 'UPDATE'"))
+    return source[start:source.index(";", start) + 1]
 
 
 def before_004(installed: str) -> str:
-    """The capture function as migration 003 generated it: one copy of the UPDATE statement,
+    """The capture function as migration 003 generated it: one copy of each statement,
     planned at its first run in a session (here a bulk one: merge join, JIT)."""
-    branch = update_branch(installed)
-    if branch.count(update_statement(installed)) != 2:
+    start = installed.index("        -- A session plans each")
+    small = installed.index("        IF NOT FOUND THEN\n", start) + len("        IF NOT FOUND THEN\n")
+    bulk = installed.index("        ELSE\n        planner :=", small)
+    end = installed.index("        END IF;\n    END IF;", bulk) + len("        END IF;\n")
+    if installed[small:bulk] not in installed[bulk:end]:
         raise SystemExit("the capture function changed shape: cannot rebuild the one before migration 004")
-    comment = branch[:branch.index("        -- A session plans")]
-    return installed.replace(branch, f"{comment}        {update_statement(installed)}\n    ")
+    return installed[:start] + installed[small:bulk] + installed[end:]
 
 
 def before_003(installed: str) -> str:

@@ -91,7 +91,7 @@ def test_upgrade_from_migration_001_regenerates_capture_with_the_notify_setting(
     assert branch_a.execute("SELECT id, name FROM items") == [(7, "local")]
     assert branch_a.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'replicat%'") == 0
     report = s.install()
-    assert report.migrations == ["002_notify_setting", "003_lean_capture", "004_stable_update_plan"]
+    assert report.migrations == ["002_notify_setting", "003_lean_capture", "004_stable_plans"]
     assert report.attached == ["public.items"]
     source = _capture_source(hq)
     assert "replicator.notify" in source and "n.* IS NULL" not in source and "enable_mergejoin" in source
@@ -126,7 +126,7 @@ def test_update_logs_changed_rows_only_and_a_key_move_as_delete_plus_upsert(tmp_
                   "WHERE id IN (1, 2)") == [("D", 1, "n1"), ("D", 2, "two"), ("U", 101, "one"), ("U", 102, "two")]
 
 
-def _update_plans(conn, statement: str) -> list[str]:
+def _capture_plans(conn, statement: str) -> list[str]:
     """The plans of the capture statements that `statement` runs (auto_explain, nested)."""
     plans: list[str] = []
     conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
@@ -138,33 +138,43 @@ def _update_plans(conn, statement: str) -> list[str]:
     return [p for p in plans if "INSERT INTO replication.change_log" in p]
 
 
-def test_bulk_update_gets_the_same_plan_whatever_the_session_ran_first(tmp_path, hq):
-    """A session plans capture's UPDATE statement once and keeps the plan: a bulk UPDATE first
-    in a session must not leave a bulk plan to later single-row UPDATEs, nor a single-row
-    UPDATE first a one-row plan to bulk ones.  Statements of 1,000 rows or more run their
-    own copy, planned with a hash join and without JIT, and the session's settings stay."""
+def test_capture_plans_do_not_depend_on_what_the_session_ran_first(tmp_path, hq):
+    """A session plans each capture statement once and keeps the plan: a bulk statement first
+    in a session must not leave a bulk plan (JIT compiled on every run) to later single-row
+    ones, nor a single-row one a one-row plan to bulk ones.  Statements of 1,000 rows or more
+    run their own copies, planned without JIT (the UPDATE's with a hash join), and the
+    session's settings stay as they were.  jit_above_cost = 10 makes any bulk plan JIT."""
     make_setup(tmp_path, hq, CATALOGS, SCHEMA)
     hq.execute("INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 200000) g")
     hq.execute("VACUUM ANALYZE items")
-    bulk, single = "UPDATE items SET name = name || 'x'", "UPDATE items SET name = 'one' WHERE id = 1"
-    for first, then in ((bulk, single), (single, bulk)):
-        with hq.connect() as conn:
-            conn.execute("SET jit = on; SET jit_above_cost = 100000; SET enable_mergejoin = on")
-            plans = _update_plans(conn, first) + _update_plans(conn, then)
-            assert conn.execute("SELECT current_setting('jit'), current_setting('enable_mergejoin')").fetchone() == \
-                ("on", "on")
-        by_size = dict(zip((first, then), plans))
-        assert len(plans) == 2 and "Hash Full Join" in by_size[bulk] and "JIT:" not in by_size[bulk], plans
-        assert "rows=1 " in by_size[single] and "JIT:" not in by_size[single], plans
+    statements = {   # op: (bulk, single-row)
+        "UPDATE": ("UPDATE items SET name = name || 'x'", "UPDATE items SET name = 'one' WHERE id = 1"),
+        "INSERT": ("INSERT INTO items (id) SELECT generate_series(300001, 302000)", "INSERT INTO items (id) VALUES (0)"),
+        "DELETE": ("DELETE FROM items WHERE id > 300000", "DELETE FROM items WHERE id = 0"),
+    }
+    for op, (bulk, single) in statements.items():
+        for first, then in ((bulk, single), (single, bulk)):
+            hq.execute("DELETE FROM items WHERE id = 0 OR id > 300000")
+            if op == "DELETE":
+                hq.execute("INSERT INTO items (id) SELECT generate_series(300001, 302000) UNION ALL SELECT 0")
+            with hq.connect() as conn:
+                conn.execute("SET jit = on; SET jit_above_cost = 10; SET enable_mergejoin = on")
+                plans = dict(zip((first, then), _capture_plans(conn, first) + _capture_plans(conn, then)))
+                assert conn.execute("SELECT current_setting('jit'), current_setting('enable_mergejoin')").fetchone() \
+                    == ("on", "on")
+            assert len(plans) == 2 and "JIT:" not in plans[bulk] and "JIT:" not in plans[single], (op, plans)
+            assert "rows=1 " in plans[single], (op, plans)
+            if op == "UPDATE":
+                assert "Hash Full Join" in plans[bulk], plans
     with hq.connect() as conn:   # a session that turned merge joins off keeps them off
         conn.execute("SET enable_mergejoin = off")
-        conn.execute(bulk)
+        conn.execute(statements["UPDATE"][0])
         assert conn.execute("SHOW enable_mergejoin").fetchone() == ("off",)
 
 
 def test_bulk_update_logs_like_a_small_one(tmp_path, hq):
-    """The copy of the UPDATE statement for 1,000 rows or more writes what the small one
-    writes: changed rows, NULLs as values, a moved key as delete plus upsert, no no-ops."""
+    """The copies of the capture statements for 1,000 rows or more write what the small ones
+    write: changed rows, NULLs as values, a moved key as delete plus upsert, no no-ops."""
     make_setup(tmp_path, hq, CATALOGS, SCHEMA)
     hq.execute("INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 1500) g")
     hq.execute("UPDATE items SET id = CASE id WHEN 1 THEN 5000 ELSE id END, "
@@ -173,6 +183,10 @@ def test_bulk_update_logs_like_a_small_one(tmp_path, hq):
                         "WHERE op <> 'I' ORDER BY 2, 1")
     changed = [("U", i, None if i % 500 == 0 else f"n{i}x") for i in range(2, 1501, 2)]
     assert logged == [("D", 1, "n1")] + changed + [("U", 5000, "n1")]
+    assert hq.scalar("SELECT count(*) FROM replication.change_log WHERE op = 'I'") == 1500
+    hq.execute("TRUNCATE replication.change_log")
+    hq.execute("DELETE FROM items WHERE id > 100")
+    assert hq.scalar("SELECT count(*) FROM replication.change_log WHERE op = 'D'") == 1401   # 101-1500, 5000
 
 
 def _capture_source(db) -> str:

@@ -1,15 +1,14 @@
 -- replicator: capture on HQ, migration 004.
 --
--- Capture's UPDATE statement gets the same plan in every session (README, Performance).
--- A plpgsql function plans a statement at its first run in a session and keeps that
--- plan, made for that run's transition-table size: a session whose first UPDATE was a
--- bulk one kept a sorted merge join with JIT for its single-row UPDATEs, and one whose
--- first UPDATE touched one row ran its bulk UPDATEs on a plan made for one row.  The
--- UPDATE branch now runs one copy of the statement for fewer than 1,000 rows and
--- another for more, planned with a hash join and without JIT (0.1-0.15 less of a bulk
--- UPDATE's time than the merge join with JIT a fresh session picked).  Redefines
--- capture_body; `replicator hq install` then regenerates every table's capture
--- function, because its text changed.
+-- Capture's statements get the same plans in every session (README, Performance).  A
+-- plpgsql function plans a statement at its first run in a session and keeps that
+-- plan, made for that run's transition-table size.  A session whose first UPDATE was a
+-- bulk one kept a merge join with JIT for its later single-row UPDATEs, which then
+-- compiled JIT code on every run (10 ms each instead of 0.2); an INSERT or DELETE of
+-- 5,000,000 rows or more did the same to later single-row ones.  Each capture statement
+-- now has one copy for fewer than 1,000 rows and one for more, planned without JIT and,
+-- for the UPDATE's old/new join, with a hash join.  Redefines capture_body; `replicator
+-- hq install` then regenerates every table's capture function, because its text changed.
 
 -- The text of one table's capture function: static statements (their plans are
 -- cached) that write the table's row images into the change log.
@@ -31,7 +30,7 @@ DECLARE
     no_new   text;           -- "this old row has no new row": its first key column is NULL
     guard    text := '';     -- the writer-settings check, when the table needs it
     restore  text := '';
-    upd      text;           -- the UPDATE statement (the function has it twice, see below)
+    writes   text;           -- the statements that log rows (the function has them twice)
 BEGIN
     SELECT string_agg(format('o.%1$I OPERATOR(pg_catalog.=) n.%1$I', k), ' AND ') INTO same_key FROM unnest(keys) AS k;
     no_new := format('n.%I IS NULL', keys[1]);
@@ -103,43 +102,51 @@ BEGIN
     END IF;$g$;
     END IF;
 
-    upd := format($u$INSERT INTO replication.change_log (table_id, op, row, old_row)
-        SELECT %1$s, CASE WHEN %6$s THEN 'D' ELSE 'U' END,
-               CASE WHEN %6$s THEN %3$s ELSE %2$s END,
-               CASE WHEN %6$s THEN NULL::pg_catalog.jsonb ELSE %5$s END
-          FROM new_rows n FULL JOIN old_rows o ON %4$s
-         WHERE %6$s OR %7$s OR NOT (o.* OPERATOR(pg_catalog.*=) n.*);$u$,
+    writes := format($w$IF TG_OP = 'INSERT' THEN
+            INSERT INTO replication.change_log (table_id, op, row)
+            SELECT %1$s, 'I', %2$s FROM new_rows n;
+        ELSIF TG_OP = 'UPDATE' THEN
+            -- One pass: a changed row is an upsert of its new image; an old key absent from
+            -- the new rows (a primary-key change) is a delete; an unchanged row is nothing.
+            INSERT INTO replication.change_log (table_id, op, row, old_row)
+            SELECT %1$s, CASE WHEN %6$s THEN 'D' ELSE 'U' END,
+                   CASE WHEN %6$s THEN %3$s ELSE %2$s END,
+                   CASE WHEN %6$s THEN NULL::pg_catalog.jsonb ELSE %5$s END
+              FROM new_rows n FULL JOIN old_rows o ON %4$s
+             WHERE %6$s OR %7$s OR NOT (o.* OPERATOR(pg_catalog.*=) n.*);
+        ELSE
+            INSERT INTO replication.change_log (table_id, op, row)
+            SELECT %1$s, 'D', %3$s FROM old_rows o;
+        END IF;$w$,
         tid, new_img, old_img, same_key, upd_old, no_new, format('o.%I IS NULL', keys[1]));
 
     RETURN format($f$
 DECLARE
     saved   text[];
     planner text[];
-BEGIN%4$s
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO replication.change_log (table_id, op, row)
-        SELECT %1$s, 'I', %2$s FROM new_rows n;
-    ELSIF TG_OP = 'UPDATE' THEN
-        -- One pass: a changed row is an upsert of its new image; an old key absent from
-        -- the new rows (a primary-key change) is a delete; an unchanged row is nothing.
-        -- A session plans a statement at its first run and keeps the plan, which fits
-        -- that run's row count; so statements of 1,000 rows or more run a copy of their
-        -- own, planned with a hash join and without JIT, which is what suits them.
-        PERFORM FROM new_rows n OFFSET 999 LIMIT 1;
+BEGIN%1$s
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO replication.change_log (table_id, op) VALUES (%2$s, 'T');
+    ELSE
+        -- A session plans each statement at its first run and keeps the plan, which fits
+        -- that run's row count: after a bulk statement, single-row ones would run a plan
+        -- made for a million rows (JIT compiled on every run).  So statements of 1,000 rows
+        -- or more run copies of their own, planned without JIT and, for the UPDATE's
+        -- old/new join, with a hash join, which is what suits them.
+        IF TG_OP = 'DELETE' THEN
+            PERFORM FROM old_rows o OFFSET 999 LIMIT 1;
+        ELSE
+            PERFORM FROM new_rows n OFFSET 999 LIMIT 1;
+        END IF;
         IF NOT FOUND THEN
-        %5$s
+        %3$s
         ELSE
         planner := ARRAY[pg_catalog.current_setting('jit'), pg_catalog.current_setting('enable_mergejoin')];
         PERFORM pg_catalog.set_config('jit', 'off', true), pg_catalog.set_config('enable_mergejoin', 'off', true);
-        %5$s
+        %3$s
         PERFORM pg_catalog.set_config('jit', planner[1], true),
                 pg_catalog.set_config('enable_mergejoin', planner[2], true);
         END IF;
-    ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO replication.change_log (table_id, op, row)
-        SELECT %1$s, 'D', %3$s FROM old_rows o;
-    ELSE
-        INSERT INTO replication.change_log (table_id, op) VALUES (%1$s, 'T');
     END IF;
     -- Wake the branches.  A NOTIFY serializes the commits of all notifying transactions
     -- (PostgreSQL takes one database-wide lock for it at commit), which caps concurrent
@@ -147,7 +154,7 @@ BEGIN%4$s
     -- changes by polling (poll_interval in branch.yaml).  See README, Operations.
     IF pg_catalog.current_setting('replicator.notify', true) IS DISTINCT FROM 'off' THEN
         PERFORM pg_catalog.pg_notify('replicator', '');
-    END IF;%6$s
+    END IF;%4$s
     RETURN NULL;
-END$f$, tid, new_img, old_img, guard, upd, restore);
+END$f$, guard, tid, writes, restore);
 END $$;
