@@ -1,17 +1,19 @@
 """Where capture's cost goes: variants of the capture trigger's UPDATE statement, timed on
 one UPDATE of 1,000,000 rows against the same UPDATE without capture; the single-row
-capture taken apart one piece at a time (pgbench, 2 clients); and the wake-up NOTIFY with
-2 and 8 pgbench clients.  The README's miss analysis quotes these figures.
+capture taken apart one piece at a time (pgbench, 2 clients); what a session's first
+UPDATE does to its later ones (migration 004); and the wake-up NOTIFY with 2 and 8 pgbench
+clients.  The README's miss analysis quotes these figures.
 
 Run:  .venv/bin/python tests/bench_capture_variants.py [hq|hq_durable ...]
       (default both clusters; env RUNS=2, ROWS=1000000, SECONDS=15,
-      PARTS=bulk,log,single,notify picks parts; PICK=text,text keeps the bulk variants whose
+      PARTS=bulk,log,single,session,notify picks parts; PICK=text,text keeps the bulk variants whose
       names contain one of the texts, e.g. PICK="floor,before migration,as installed")
 """
 import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,7 +22,7 @@ from replicator import bench as b  # noqa: E402
 RUNS = int(os.environ.get("RUNS", "2"))
 ROWS = int(os.environ.get("ROWS", "1000000"))
 SECONDS = int(os.environ.get("SECONDS", "15"))
-PARTS = os.environ.get("PARTS", "bulk,log,single,notify").split(",")
+PARTS = os.environ.get("PARTS", "bulk,log,single,session,notify").split(",")
 PICK = [text for text in os.environ.get("PICK", "").split(",") if text]
 
 # A key-change detector that costs nothing when keys stay: a row trigger whose WHEN is false.
@@ -285,6 +287,61 @@ def notify_variants(env: b.Env, which: str) -> None:
     hq.cluster.drop_database(hq.name)
 
 
+SESSION_STATEMENTS = 2000
+
+
+def single_rows(conn) -> float:
+    """Milliseconds per single-row UPDATE, over SESSION_STATEMENTS of them in `conn`."""
+    started = time.perf_counter()
+    for i in range(SESSION_STATEMENTS):
+        conn.execute("UPDATE items SET price = price + 1 WHERE id = %s", (i % ROWS + 1,))
+    return (time.perf_counter() - started) / SESSION_STATEMENTS * 1000
+
+
+def session_plans(env: b.Env, which: str) -> None:
+    """What a session's first captured UPDATE does to its later ones, with the capture
+    function before and after migration 004 (a plpgsql plan is made at a statement's first
+    run and kept): single-row UPDATEs after a bulk one, a bulk UPDATE after a single-row one."""
+    hq, _ = b.capture_db(env, "session", ROWS, which)
+    hq.execute(b.FLOOR_TRIGGER)
+    installed = hq.scalar("SELECT prosrc FROM pg_proc WHERE proname = 'capture_1'")
+    sources = {"before migration 004": before_004(installed), "as installed": installed}
+    bulk: dict[str, list[float]] = {"no capture": []}
+    single: dict[str, list[float]] = {}
+    b.set_capture(hq, False)
+    b.bulk_update(hq)
+    for _ in range(RUNS):
+        b.set_capture(hq, False)
+        env.checkpoint()
+        bulk["no capture"].append(b.bulk_update(hq))
+        b.set_capture(hq, True)
+        for name, source in sources.items():
+            hq.execute("CREATE OR REPLACE FUNCTION replication.capture_1() RETURNS trigger LANGUAGE plpgsql "
+                       "SECURITY DEFINER AS $f$" + source + "$f$")
+            for first in ("bulk", "single-row"):
+                env.checkpoint()
+                with hq.connect(autocommit=True) as conn:
+                    if first == "single-row":
+                        conn.execute("UPDATE items SET price = price + 1 WHERE id = 1")
+                    started = time.perf_counter()
+                    conn.execute("UPDATE items SET price = price + 1")
+                    bulk.setdefault(f"{name}: bulk UPDATE, first in session: {first}", []).append(
+                        time.perf_counter() - started)
+                    if first == "bulk":
+                        single.setdefault(f"{name}: after a bulk UPDATE in the session", []).append(single_rows(conn))
+                b.settle(hq)
+            with hq.connect(autocommit=True) as conn:
+                single.setdefault(f"{name}: in a fresh session", []).append(single_rows(conn))
+            b.settle(hq)
+    base = statistics.median(bulk.pop("no capture"))
+    report(f"{which}: one UPDATE of {ROWS:,} rows, time vs no capture, by the session's first UPDATE",
+           {name: [t / base for t in times] for name, times in bulk.items()})
+    print(f"\n{which}: milliseconds per single-row UPDATE ({SESSION_STATEMENTS:,} in one session; median and range)")
+    for name, values in single.items():
+        print(f"  {name:48s} {statistics.median(values):.3f} ms  ({min(values):.3f}–{max(values):.3f})", flush=True)
+    hq.cluster.drop_database(hq.name)
+
+
 def main() -> None:
     clusters = sys.argv[1:] or ["hq", "hq_durable"]
     env = b.Env(Path(tempfile.mkdtemp(prefix="bench-variants-")), b.FULL, RUNS)
@@ -297,6 +354,9 @@ def main() -> None:
         for which in clusters:
             if "single" in PARTS:
                 single_row_variants(env, which)
+        for which in clusters:
+            if "session" in PARTS:
+                session_plans(env, which)
         if "notify" in PARTS:
             notify_variants(env, "hq_durable")
     finally:

@@ -103,5 +103,6 @@ def test_capture_variants_script_runs():
                  "and without the image", "and not SECURITY DEFINER", "without the xid index",
                  "a bare (table_id, op) table", "2 clients: capture", "8 clients: capture",
                  "without the old transition table", "row_to_json image, no join",
-                 "capture before migration 003", "capture before migration 004"):
+                 "capture before migration 003", "capture before migration 004",
+                 "before migration 004: after a bulk UPDATE in the session", "as installed: in a fresh session"):
         assert line in done.stdout, done.stdout
