@@ -71,6 +71,12 @@ VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSE
 }
 
 
+def set_body(hq, source: str, definer: bool = True) -> None:
+    """Replace the capture function of `items` (table id 1) with `source`."""
+    hq.execute("CREATE OR REPLACE FUNCTION replication.capture_1() RETURNS trigger LANGUAGE plpgsql "
+               + ("SECURITY DEFINER " if definer else "") + "AS $f$" + source + "$f$")
+
+
 def update_statement(source: str) -> str:
     """The INSERT that the capture function runs for an UPDATE (the part the variants replace;
     since migration 004 the function has it twice, for small and for bulk statements)."""
@@ -125,8 +131,7 @@ def bulk_variants(env: b.Env, which: str) -> None:
             b.set_capture(hq, mode)
             source = body(installed, statement) if callable(body) else \
                 installed.replace(statement, body) if body else installed
-            hq.execute("CREATE OR REPLACE FUNCTION replication.capture_1() RETURNS trigger LANGUAGE plpgsql "
-                       "SECURITY DEFINER AS $f$" + source + "$f$")
+            set_body(hq, source)
             for trigger, key in (("bench_keychg", "key"), ("bench_newonly", "new only")):
                 hq.execute(f"ALTER TABLE items {'ENABLE' if key in extra else 'DISABLE'} TRIGGER {trigger}")
             env.checkpoint()
@@ -205,9 +210,7 @@ def single_row_variants(env: b.Env, which: str) -> None:
         for name in tps:
             b.set_capture(hq, False if name == "no capture" else "floor" if name.startswith("floor") else True)
             if name in ladder:
-                definer = "" if name == INVOKER else "SECURITY DEFINER "
-                hq.execute("CREATE OR REPLACE FUNCTION replication.capture_1() RETURNS trigger LANGUAGE plpgsql "
-                           + definer + "AS $f$" + ladder[name] + "$f$")
+                set_body(hq, ladder[name], definer=name != INVOKER)
             env.checkpoint()
             tps[name].append(b.pgbench_tps(hq, script, ROWS, SECONDS))
     off = statistics.median(tps["no capture"])
@@ -316,8 +319,7 @@ def session_plans(env: b.Env, which: str) -> None:
         bulk["no capture"].append(b.bulk_update(hq))
         b.set_capture(hq, True)
         for name, source in sources.items():
-            hq.execute("CREATE OR REPLACE FUNCTION replication.capture_1() RETURNS trigger LANGUAGE plpgsql "
-                       "SECURITY DEFINER AS $f$" + source + "$f$")
+            set_body(hq, source)
             for first in ("bulk", "single-row"):
                 env.checkpoint()
                 with hq.connect(autocommit=True) as conn:
