@@ -4,11 +4,12 @@
 -- plpgsql function plans a statement at its first run in a session and keeps that
 -- plan, made for that run's transition-table size.  A session whose first UPDATE was a
 -- bulk one kept a merge join with JIT for its later single-row UPDATEs, which then
--- compiled JIT code on every run (10 ms each instead of 0.2); an INSERT or DELETE of
--- 5,000,000 rows or more did the same to later single-row ones.  Each capture statement
--- now has one copy for fewer than 1,000 rows and one for more, planned without JIT and,
--- for the UPDATE's old/new join, with a hash join.  Redefines capture_body; `replicator
--- hq install` then regenerates every table's capture function, because its text changed.
+-- compiled JIT code on every run (10 ms each instead of 0.2); an INSERT or DELETE large
+-- enough for the planner to choose JIT (several million rows) did the same to later
+-- single-row ones.  Each capture statement now has one copy for fewer than 1,000 rows
+-- and one for more, planned without JIT and, for the UPDATE's old/new join, with a hash
+-- join.  Redefines capture_body; `replicator hq install` then regenerates every table's
+-- capture function, because its text changed.
 
 -- The text of one table's capture function: static statements (their plans are
 -- cached) that write the table's row images into the change log.
