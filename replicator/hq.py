@@ -181,7 +181,8 @@ def status(conn: psycopg.Connection) -> list[BranchStatus]:
                   now() - p.oldest
              FROM replication.branches b
              LEFT JOIN LATERAL (
-                  SELECT count(*) AS pending, min(l.ts) AS oldest FROM replication.change_log l
+                  SELECT coalesce(sum(coalesce(cardinality(l.rows), 1)), 0) AS pending, min(l.ts) AS oldest
+                    FROM replication.change_log l
                    WHERE l.xid >= pg_snapshot_xmin(b.position)
                      AND NOT pg_visible_in_snapshot(l.xid, b.position)) p ON b.position IS NOT NULL
             ORDER BY b.name""").fetchall()

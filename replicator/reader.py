@@ -62,7 +62,7 @@ class LogReader:
 
     # ------------------------------------------------------------ query
     def _build(self) -> sql.Composed:
-        op_cases, key_cases, row_cases, rec_cases, conds = [], [], [], [], []
+        op_cases, key_cases, row_cases, rec_cases, conds, chunk_conds = [], [], [], [], [], []
         for t in self.tables.values():
             tid = sql.Literal(t.id)
             new = self._predicate(t, sql.SQL("l.row"))
@@ -79,9 +79,12 @@ class LogReader:
                 # A row updated out of this branch's filter must be deleted here.
                 op_cases.append(sql.SQL("WHEN l.table_id = {} AND l.op = 'U' AND ({}) IS NOT TRUE THEN 'D'")
                                 .format(tid, new))
-                cond.append(sql.SQL("(l.op = 'T' OR ({new}) IS TRUE OR "
-                                    "(l.op = 'U' AND (l.old_row IS NULL OR ({old}) IS TRUE)))")
-                            .format(new=new, old=old))
+                passes = sql.SQL("(l.op = 'T' OR ({new}) IS TRUE OR "
+                                 "(l.op = 'U' AND (l.old_row IS NULL OR ({old}) IS TRUE)))").format(new=new, old=old)
+                # A log row with an array of images (a bulk statement's) passes here as a
+                # whole; its images are filtered one by one once expanded.
+                cond.append(sql.SQL("(l.rows IS NOT NULL OR {})").format(passes))
+                chunk_conds.append(sql.SQL("WHEN {} THEN {}").format(tid, passes))
             if t.id in self.skip:
                 # Changes already inside this table's initial copy are not applied again.
                 cond.append(sql.SQL("NOT pg_visible_in_snapshot(l.xid, {}::pg_snapshot)")
@@ -94,12 +97,15 @@ class LogReader:
             if row_cases else sql.SQL("l.row::text")
         where = sql.SQL("AND CASE l.table_id {} ELSE true END").format(sql.SQL(" ").join(conds)) \
             if conds else sql.SQL("")
+        chunk_where = sql.SQL("WHERE (NOT l.chunked OR CASE l.table_id {} ELSE true END)").format(
+            sql.SQL(" ").join(chunk_conds)) if chunk_conds else sql.SQL("")
         rec = sql.SQL("CASE WHEN l.op <> 'T' THEN CASE l.table_id {} END END").format(
             sql.SQL(" ").join(rec_cases)) if rec_cases else sql.SQL("NULL::pg_catalog.bytea")
         # The sort by id needs the whole window before its first row.  Sorting only (id, ctid)
         # keeps it small; each image is then fetched by its ctid (OFFSET 0 keeps that a TID
         # lookup, not a join over the whole log) and decoded (keys, records, filters' ops)
-        # row by row, while the branch applies the previous chunk.
+        # row by row, while the branch applies the previous chunk.  A log row with an array
+        # of images becomes one row per image, all with the log row's id.
         return sql.SQL("""
 SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
   FROM (SELECT l.ctid AS at, l.id
@@ -112,8 +118,11 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
            AND l.table_id = ANY (%(tables)s::int[])
            {where}
          ORDER BY l.id) w
- CROSS JOIN LATERAL (SELECT * FROM replication.change_log l WHERE l.ctid = w.at OFFSET 0) l
- ORDER BY w.id""").format(op=op, keys=sql.SQL(" ").join(key_cases), row=row, where=where, rec=rec)
+ CROSS JOIN LATERAL (SELECT * FROM replication.change_log l WHERE l.ctid = w.at OFFSET 0) l0
+ CROSS JOIN LATERAL ({expand}) l
+ {chunk_where}
+ ORDER BY w.id""").format(op=op, keys=sql.SQL(" ").join(key_cases), row=row, where=where, rec=rec,
+                          expand=EXPAND, chunk_where=chunk_where)
 
     def _predicate(self, t: Table, row_expr: sql.Composable) -> sql.Composable | None:
         if not t.filter:
@@ -132,7 +141,8 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
 
     def window(self, conn: psycopg.Connection, prev: str, cur: str, after_id: int = 0
                ) -> Iterator[list[tuple]]:
-        """Yield the window's rows in id order, in chunks of at most chunk_rows.
+        """Yield the window's rows in id order, in chunks of about chunk_rows that end with
+        a whole log row (see _whole_log_rows); only the last chunk has fewer than chunk_rows.
 
         Runs in its own transaction on `conn` (a named cursor needs one); the
         rows are immutable once committed, so isolation level does not matter.
@@ -147,12 +157,54 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
             with conn.cursor(name="replicator_window", binary=True) as cur_:
                 cur_.itersize = self.chunk_rows
                 cur_.execute(self.query, params)
-                while True:
-                    rows = cur_.fetchmany(self.chunk_rows)
-                    if rows:
-                        yield rows
-                    if len(rows) < self.chunk_rows:
-                        break
+                yield from _whole_log_rows(cur_, self.chunk_rows)
+
+
+def _whole_log_rows(cursor, size: int) -> Iterator[list[tuple]]:
+    """The cursor's rows in chunks of `size`, each grown to the end of its last log row.
+
+    A position inside a window is a log id (the branch resumes after it), so a chunk must
+    not end between two images of a bulk statement's log row: the rest would be skipped.
+    Only the last chunk has fewer than `size` rows (the daemon knows the window's end so).
+    """
+    rows: list[tuple] = []
+    done = False
+
+    def fetch(count: int) -> None:
+        nonlocal done
+        got = cursor.fetchmany(count)
+        rows.extend(got)
+        done = len(got) < count
+
+    while True:
+        if not done and len(rows) <= size:
+            fetch(size + 1 - len(rows))     # one more: does the last log row go on?
+        if done and len(rows) <= size:
+            if rows:
+                yield rows
+            return
+        cut = size
+        while True:
+            while cut < len(rows) and rows[cut][0] == rows[cut - 1][0]:
+                cut += 1
+            if cut < len(rows) or done:
+                break
+            fetch(_TAIL_FETCH)
+        chunk, rows = rows[:cut], rows[cut:]
+        yield chunk
+
+
+# Rows fetched at a time while completing a chunk's last log row.
+_TAIL_FETCH = 256
+
+
+# One row per change of log row l0: its image in `row` (from `rows` when the log row holds a
+# bulk statement's array of images: `chunked`, and its op in lower case), the log row's other
+# columns.
+EXPAND = sql.SQL(
+    "SELECT l0.id, l0.xid, l0.table_id, l0.ts, e.row, l0.old_row, l0.rows IS NOT NULL AS chunked, "
+    "CASE WHEN l0.rows IS NULL THEN l0.op ELSE pg_catalog.upper(l0.op::text)::\"char\" END AS op "
+    "FROM pg_catalog.unnest(CASE WHEN l0.rows IS NULL THEN ARRAY[l0.row] ELSE l0.rows END) AS e(row)")
 
 
 # Key types whose text depends on the writer's TimeZone: compared by value instead.

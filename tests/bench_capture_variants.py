@@ -62,11 +62,12 @@ VARIANTS = {   # name -> (capture mode, replacement for the UPDATE branch's INSE
     "1,024 JSONB images per log row, after the join": (
         True, f"{LOG}, row) SELECT 1, 'U', pg_catalog.jsonb_agg(img) FROM (SELECT pg_catalog.to_jsonb(n.*) img, "
               f"pg_catalog.hashint8(coalesce(n.id, o.id)) OPERATOR(pg_catalog.&) 1023 g {JOIN}) s GROUP BY g;", ()),
-    "capture as installed, work_mem = 1GB": (
-        True, lambda source, statement: source.replace(
-            statement, f"PERFORM pg_catalog.set_config('work_mem', '1GB', true);\n        {statement}"), ()),
-    "capture before migration 003 (whole-row NULL tests)": (True, lambda source, _: before_003(source), ()),
-    "capture before migration 004 (merge join, JIT)": (True, lambda source, _: before_004(source), ()),
+    "images 1,000 to a log row after the old/new join (no-op skip kept)": (
+        True, f"{LOG}, rows) SELECT 1, 'u', pg_catalog.array_agg(img) FROM (SELECT pg_catalog.to_jsonb(n.*) img, "
+              f"(pg_catalog.row_number() OVER ()) OPERATOR(pg_catalog./) 1000 g {JOIN}) s GROUP BY g;", ()),
+    "capture before migration 003 (whole-row NULL tests)": (True, lambda source, _: before_003(), ()),
+    "capture of migration 003 (merge join, JIT)": (True, lambda source, _: HISTORY[3], ()),
+    "capture of migration 004 (a log row per row, hash join)": (True, lambda source, _: HISTORY[4], ()),
     "capture as installed": (True, "", ()),
 }
 
@@ -77,31 +78,37 @@ def set_body(hq, source: str, definer: bool = True) -> None:
                + ("SECURITY DEFINER " if definer else "") + "AS $f$" + source + "$f$")
 
 
-def update_statement(source: str) -> str:
+def update_statement(source: str, bulk: bool = True) -> str:
     """The INSERT that the capture function runs for an UPDATE (the part the variants replace;
-    since migration 004 the function has it twice, for small and for bulk statements)."""
-    start = source.index("INSERT INTO", source.index("ELSIF TG_OP = 'UPDATE'"))
+    since migration 004 the function has it twice: for small statements first, then for bulk)."""
+    start = source.index("INSERT INTO", source.index("ELSIF TG_OP = 'UPDATE'",
+                                                     source.index("planner :=") if bulk else 0))
     return source[start:source.index(";", start) + 1]
 
 
-def before_004(installed: str) -> str:
-    """The capture function as migration 003 generated it: one copy of each statement,
-    planned at its first run in a session (here a bulk one: merge join, JIT)."""
-    start = installed.index("        -- A session plans each")
-    small = installed.index("        IF NOT FOUND THEN\n", start) + len("        IF NOT FOUND THEN\n")
-    bulk = installed.index("        ELSE\n        planner :=", small)
-    end = installed.index("        END IF;\n    END IF;", bulk) + len("        END IF;\n")
-    if installed[small:bulk] not in installed[bulk:end]:
-        raise SystemExit("the capture function changed shape: cannot rebuild the one before migration 004")
-    return installed[:start] + installed[small:bulk] + installed[end:]
+MIGRATIONS = Path(__file__).resolve().parent.parent / "sql/hq"
+HISTORY: dict[int, str] = {}    # migration -> the capture function of `items` its capture_body generates
 
 
-def before_003(installed: str) -> str:
+def load_history(hq) -> None:
+    """The capture functions that migrations 003 and 004 generated for `items`, from their own
+    capture_body (run under another name), for comparison with the installed one."""
+    for version in (3, 4):
+        text = next(MIGRATIONS.glob(f"{version:03d}_*.sql")).read_text().replace("CREATE OR REPLACE", "CREATE")
+        start = text.index("CREATE FUNCTION replication.capture_body(")
+        function = text[start:text.index("END $$;", start) + len("END $$;")]
+        hq.execute(function.replace("CREATE FUNCTION replication.capture_body(",
+                                    "CREATE OR REPLACE FUNCTION public.bench_capture_body("))
+        HISTORY[version] = hq.scalar("SELECT public.bench_capture_body(1, 'items'::regclass, ARRAY['id'], NULL, '{}')")
+        hq.execute("DROP FUNCTION public.bench_capture_body")
+
+
+def before_003() -> str:
     """The capture function as migration 002 generated it: whole-row NULL tests in the join,
     and the writer-settings check for every table (the check's text is in migration 003)."""
-    migration = (Path(__file__).resolve().parent.parent / "sql/hq/003_lean_capture.sql").read_text()
+    migration = (MIGRATIONS / "003_lean_capture.sql").read_text()
     guard, restore = (block.split("$g$;")[0] for block in migration.split(":= $g$")[1:3])
-    old = before_004(installed).replace("n.id IS NULL", "n.* IS NULL").replace("o.id IS NULL", "o.* IS NULL")
+    old = HISTORY[3].replace("n.id IS NULL", "n.* IS NULL").replace("o.id IS NULL", "o.* IS NULL")
     old = old.replace("BEGIN\n", "BEGIN" + guard + "\n", 1).replace("\n    RETURN NULL;", restore + "\n    RETURN NULL;")
     if old.count("current_setting('DateStyle')") != 2 or "n.* IS NULL" not in old:
         raise SystemExit("the capture function changed shape: cannot rebuild the one before migration 003")
@@ -119,6 +126,7 @@ def bulk_variants(env: b.Env, which: str) -> None:
     hq, _ = b.capture_db(env, "variants", ROWS, which)
     hq.execute(b.FLOOR_TRIGGER)
     hq.execute(KEY_TRIGGER)
+    load_history(hq)
     installed = hq.scalar("SELECT prosrc FROM pg_proc WHERE proname = 'capture_1'")
     statement = update_statement(installed)
     picked = {name: v for name, v in VARIANTS.items() if not PICK or any(text in name for text in PICK)}
@@ -180,12 +188,12 @@ def single_row_ladder(installed: str) -> dict[str, str]:
     steps' differences add up to what single-row capture costs above the floor.  The
     writer-settings check is generated only for tables that need it (items does not): with
     it, the ladder has a step for it."""
-    no_notify = strip(installed, "    IF pg_catalog.current_setting('replicator.notify'", "\n    END IF;\n")
+    no_notify = strip(installed, "    IF TG_LEVEL = 'STATEMENT'", "\n    END IF;\n")
     steps = {"capture as installed": installed, "  without the NOTIFY": no_notify}
     body = no_notify
     if SETTINGS_CHECK in body:
         body = steps["  and without the writer-settings check"] = strip(body, SETTINGS_CHECK, "\n    END IF;\n")
-    statement = update_statement(body)
+    statement = update_statement(body, bulk=False)
     steps["  and without the old/new join"] = body.replace(
         statement, f"{LOG}, row) SELECT 1, 'U', pg_catalog.to_jsonb(n.*) FROM new_rows n;")
     steps["  and without the image"] = body.replace(statement, f"{LOG}) SELECT 1, 'U' FROM new_rows n;")
@@ -193,8 +201,8 @@ def single_row_ladder(installed: str) -> dict[str, str]:
     if any(a == b for a, b in zip(sources, sources[1:])):
         raise SystemExit("the capture function changed shape: a step of the ladder removed nothing")
     # The last step keeps the body and runs it with the writer's rights (single_row_variants).
-    return {"capture before migration 003": before_003(installed), "capture before migration 004": before_004(installed),
-            **steps, INVOKER: steps["  and without the image"]}
+    return {"capture before migration 003": before_003(), "capture of migration 003": HISTORY[3],
+            "capture of migration 004": HISTORY[4], **steps, INVOKER: steps["  and without the image"]}
 
 
 def single_row_variants(env: b.Env, which: str) -> None:
@@ -202,6 +210,7 @@ def single_row_variants(env: b.Env, which: str) -> None:
     hq.execute(b.FLOOR_TRIGGER)
     script = env.workdir / "update.sql"
     script.write_text(b.PGBENCH_SCRIPT)
+    load_history(hq)
     ladder = single_row_ladder(hq.scalar("SELECT prosrc FROM pg_proc WHERE proname = 'capture_1'"))
     tps: dict[str, list[float]] = {"no capture": [], "floor: an empty log row": [], **{n: [] for n in ladder}}
     b.set_capture(hq, False)
@@ -307,8 +316,9 @@ def session_plans(env: b.Env, which: str) -> None:
     run and kept): single-row UPDATEs after a bulk one, a bulk UPDATE after a single-row one."""
     hq, _ = b.capture_db(env, "session", ROWS, which)
     hq.execute(b.FLOOR_TRIGGER)
+    load_history(hq)
     installed = hq.scalar("SELECT prosrc FROM pg_proc WHERE proname = 'capture_1'")
-    sources = {"before migration 004": before_004(installed), "as installed": installed}
+    sources = {"before migration 004": HISTORY[3], "as installed": installed}
     bulk: dict[str, list[float]] = {"no capture": []}
     single: dict[str, list[float]] = {}
     b.set_capture(hq, False)

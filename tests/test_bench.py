@@ -99,10 +99,11 @@ def test_capture_variants_script_runs():
                           capture_output=True, text=True, timeout=230)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     for line in ("floor: an empty log row", "binary image (record_send), no join", "capture as installed",
-                 "an image-sized constant, no join", "1,024 JSONB images per log row", "work_mem = 1GB",
+                 "an image-sized constant, no join", "1,024 JSONB images per log row", "capture of migration 004",
                  "and without the image", "and not SECURITY DEFINER", "without the xid index",
                  "a bare (table_id, op) table", "2 clients: capture", "8 clients: capture",
                  "without the old transition table", "row_to_json image, no join",
-                 "capture before migration 003", "capture before migration 004",
+                 "capture before migration 003", "capture of migration 003",
+                 "images 1,000 to a log row after the old/new join",
                  "before migration 004: after a bulk UPDATE in the session", "as installed: in a fresh session"):
         assert line in done.stdout, done.stdout

@@ -75,7 +75,7 @@ def test_unusual_writer_settings_do_not_change_values(tmp_path, hq, branch_a):
 
 def test_upgrade_from_migration_001_regenerates_capture_with_the_notify_setting(tmp_path, hq, branch_a,
                                                                                monkeypatch):
-    """An HQ installed before migrations 002-004: a newer branch refuses it with one line and
+    """An HQ installed before migrations 002-005: a newer branch refuses it with one line and
     touches nothing; `hq install` applies them and rebuilds every capture."""
     from replicator import db
     every = db.migrations("hq")
@@ -86,15 +86,17 @@ def test_upgrade_from_migration_001_regenerates_capture_with_the_notify_setting(
     monkeypatch.setattr(db, "migrations", lambda kind: every)
     branch_a.execute("INSERT INTO items (id, name) VALUES (7, 'local')")
     r = a.cli("init")
-    assert r.returncode == 1 and r.stderr == ("error: HQ replication schema is out of date (missing migrations [2, 3, 4]); "
+    assert r.returncode == 1 and r.stderr == ("error: HQ replication schema is out of date (missing migrations [2, 3, 4, 5]); "
                                               "run `replicator hq install -c hq.yaml`\n"), r.stderr
     assert branch_a.execute("SELECT id, name FROM items") == [(7, "local")]
     assert branch_a.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'replicat%'") == 0
     report = s.install()
-    assert report.migrations == ["002_notify_setting", "003_lean_capture", "004_stable_plans"]
+    assert report.migrations == ["002_notify_setting", "003_lean_capture", "004_stable_plans", "005_bulk_chunks"]
     assert report.attached == ["public.items"]
     source = _capture_source(hq)
     assert "replicator.notify" in source and "n.* IS NULL" not in source and "enable_mergejoin" in source
+    assert "array_agg" in source and hq.scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgname = 'replicator_key_change' AND tgrelid = 'items'::regclass") == 1
     with hq.connect() as listener, hq.connect() as writer:
         listener.execute("LISTEN replicator")
         writer.execute("SET replicator.notify = off")
@@ -142,8 +144,9 @@ def test_capture_plans_do_not_depend_on_what_the_session_ran_first(tmp_path, hq)
     """A session plans each capture statement once and keeps the plan: a bulk statement first
     in a session must not leave a bulk plan (JIT compiled on every run) to later single-row
     ones, nor a single-row one a one-row plan to bulk ones.  Statements of 1,000 rows or more
-    run their own copies, planned without JIT (the UPDATE's with a hash join), and the
-    session's settings stay as they were.  jit_above_cost = 10 makes any bulk plan JIT."""
+    run their own copies, planned without JIT (the UPDATE's with no join at all, since
+    migration 005), and the session's settings stay as they were.  jit_above_cost = 10 makes
+    any bulk plan JIT."""
     make_setup(tmp_path, hq, CATALOGS, SCHEMA)
     hq.execute("INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 200000) g")
     hq.execute("VACUUM ANALYZE items")
@@ -165,28 +168,96 @@ def test_capture_plans_do_not_depend_on_what_the_session_ran_first(tmp_path, hq)
             assert len(plans) == 2 and "JIT:" not in plans[bulk] and "JIT:" not in plans[single], (op, plans)
             assert "rows=1 " in plans[single], (op, plans)
             if op == "UPDATE":
-                assert "Hash Full Join" in plans[bulk], plans
+                assert "Join" not in plans[bulk] and "Join" in plans[single], plans
     with hq.connect() as conn:   # a session that turned merge joins off keeps them off
         conn.execute("SET enable_mergejoin = off")
         conn.execute(statements["UPDATE"][0])
         assert conn.execute("SHOW enable_mergejoin").fetchone() == ("off",)
 
 
-def test_bulk_update_logs_like_a_small_one(tmp_path, hq):
-    """The copies of the capture statements for 1,000 rows or more write what the small ones
-    write: changed rows, NULLs as values, a moved key as delete plus upsert, no no-ops."""
-    make_setup(tmp_path, hq, CATALOGS, SCHEMA)
+def test_bulk_statements_log_their_images_a_thousand_to_a_log_row(tmp_path, hq):
+    """Statements of 1,000 rows or more log arrays of the images the small ones log (NULLs
+    as values); a bulk UPDATE logs every row it updated, changed or not, after the delete of
+    a moved key (the row trigger's); a filtered table's bulk UPDATE logs row by row, with
+    old images and without the unchanged rows."""
+    cats = dict(CATALOGS, stock={"label": "Stock", "tables": ["stock"], "filter": "store = :store"})
+    make_setup(tmp_path, hq, cats, SCHEMA + "CREATE TABLE stock (id int PRIMARY KEY, store int, qty int);")
+
+    def images(op: str) -> list[tuple]:
+        return hq.execute("SELECT (r ->> 'id')::int, r ->> 'name' FROM replication.change_log l, "
+                          "unnest(l.rows) r WHERE l.op = %s ORDER BY 1", (op.lower(),))
+
     hq.execute("INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 1500) g")
+    assert hq.execute("SELECT cardinality(rows), row FROM replication.change_log ORDER BY 1") == \
+        [(500, None), (1000, None)]
+    assert images("I") == [(i, f"n{i}") for i in range(1, 1501)]
+    hq.execute("TRUNCATE replication.change_log")
     hq.execute("UPDATE items SET id = CASE id WHEN 1 THEN 5000 ELSE id END, "
                "name = CASE WHEN id % 500 = 0 THEN NULL WHEN id % 2 = 0 THEN name || 'x' ELSE name END")
-    logged = hq.execute("SELECT op, (row ->> 'id')::int, row ->> 'name' FROM replication.change_log "
-                        "WHERE op <> 'I' ORDER BY 2, 1")
-    changed = [("U", i, None if i % 500 == 0 else f"n{i}x") for i in range(2, 1501, 2)]
-    assert logged == [("D", 1, "n1")] + changed + [("U", 5000, "n1")]
-    assert hq.scalar("SELECT count(*) FROM replication.change_log WHERE op = 'I'") == 1500
+    first = hq.execute("SELECT op, (row ->> 'id')::int, row ->> 'name' FROM replication.change_log ORDER BY id LIMIT 1")
+    assert first == [("D", 1, "n1")]
+    assert hq.scalar("SELECT count(*) FROM replication.change_log WHERE rows IS NULL") == 1
+    assert images("U") == [(i, None if i % 500 == 0 else f"n{i}x" if i % 2 == 0 else f"n{i}") for i in range(2, 1501)] \
+        + [(5000, "n1")]
     hq.execute("TRUNCATE replication.change_log")
     hq.execute("DELETE FROM items WHERE id > 100")
-    assert hq.scalar("SELECT count(*) FROM replication.change_log WHERE op = 'D'") == 1401   # 101-1500, 5000
+    assert [i for i, _ in images("D")] == list(range(101, 1501)) + [5000]
+
+    hq.execute("INSERT INTO stock SELECT g, g % 3, 0 FROM generate_series(1, 1500) g")
+    assert hq.scalar("SELECT count(*) FROM replication.change_log WHERE op = 'I' AND table_id = "
+                     "(SELECT id FROM replication.tables WHERE table_name = 'stock')") == 1500
+    hq.execute("TRUNCATE replication.change_log")
+    hq.execute("UPDATE stock SET qty = CASE WHEN id % 2 = 0 THEN 1 ELSE 0 END")
+    logged = hq.execute("SELECT op, (row ->> 'id')::int, (old_row ->> 'qty')::int, rows FROM replication.change_log "
+                        "ORDER BY 2")
+    assert logged == [("U", i, 0, None) for i in range(2, 1501, 2)]
+
+
+def test_bulk_statements_replicate_in_chunks_of_any_size(tmp_path, hq, branch_a):
+    """Bulk INSERT, UPDATE (with moved keys, and rows moving in and out of a branch's filter)
+    and DELETE reach the branch whole when its chunks (batch_rows = 300) are smaller than a
+    log row of 1,000 images: a chunk grows to the end of its last log row."""
+    cats = dict(CATALOGS, stock={"label": "Stock", "default": True, "tables": ["stock"],
+                                 "filter": "store = :store"})
+    s = make_setup(tmp_path, hq, cats, SCHEMA + "CREATE TABLE stock (id int PRIMARY KEY, store int, qty int);",
+                   [branch_a])
+    a = s.add_branch("a", branch_a, params={"store": 1}, batch_rows=300)
+    a.init()
+    hq.execute("INSERT INTO items (id, name) SELECT g, 'n' || g FROM generate_series(1, 2500) g")
+    hq.execute("INSERT INTO stock SELECT g, g % 3, 0 FROM generate_series(1, 3000) g")
+    a.run_once()
+    hq.execute("UPDATE items SET id = CASE WHEN id <= 1200 THEN id + 10000 ELSE id END, name = name || 'x'")
+    hq.execute("UPDATE stock SET store = (store + 1) % 3, qty = qty + 1")
+    hq.execute("DELETE FROM items WHERE id BETWEEN 1300 AND 2450")
+    hq.execute("DELETE FROM stock WHERE id > 1800")
+    assert hq.scalar("SELECT count(*) FROM replication.change_log WHERE rows IS NOT NULL") >= 6
+    a.run_once()
+    assert_same(hq, branch_a, "items")
+    assert_same(hq, branch_a, "stock", hq_where="store = 1")
+    assert branch_a.scalar("SELECT count(*) FROM stock") == 600
+
+
+def test_a_filter_applies_to_each_image_of_a_bulk_log_row(tmp_path, hq, branch_a):
+    """Images that bulk statements logged in arrays while a table had no filter are filtered
+    one by one by the stream once it has one."""
+    cats = dict(CATALOGS, stock={"label": "Stock", "default": True, "tables": ["stock"],
+                                 "filter": "store = :store"})
+    s = make_setup(tmp_path, hq, cats, SCHEMA + "CREATE TABLE stock (id int PRIMARY KEY, store int, qty int);",
+                   [branch_a])
+    a = s.add_branch("a", branch_a, params={"store": 1})
+    a.init()
+    filtered = s.hq_path.read_text()
+    s.hq_path.write_text(filtered.replace("filter: store = :store", "filter: null"))
+    s.install()
+    hq.execute("INSERT INTO stock SELECT g, g % 3, 0 FROM generate_series(1, 3000) g")
+    hq.execute("UPDATE stock SET store = (store + 1) % 3, qty = qty + 1")
+    hq.execute("INSERT INTO stock SELECT g, g % 3, 0 FROM generate_series(3001, 4500) g")
+    assert hq.scalar("SELECT count(*) FROM replication.change_log WHERE rows IS NOT NULL") == 8
+    s.hq_path.write_text(filtered)
+    s.install()
+    a.run_once()
+    assert_same(hq, branch_a, "stock", hq_where="store = 1")
+    assert branch_a.scalar("SELECT count(*) FROM stock") == 1500
 
 
 def _capture_source(db) -> str:

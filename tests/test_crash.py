@@ -26,7 +26,9 @@ TABLES = ["public.a", "public.b"]
 CATALOGS = {"crash": {"label": "Crash", "default": True, "tables": TABLES}}
 
 # One transaction of ~1000 changes on table a or b: 400 inserts, 500 updates (of recent
-# rows, so many rows change twice), 100 deletes, and a few primary-key changes.
+# rows, so many rows change twice), 100 deletes, and a few primary-key changes.  Every
+# tenth transaction updates 1,600 rows of a instead of 500: a bulk statement, whose
+# images are logged 1,000 to a log row, so chunks and kills also fall inside those.
 CHURN = """
 CREATE PROCEDURE churn(first int, n int) LANGUAGE plpgsql AS $$
 DECLARE
@@ -37,7 +39,7 @@ BEGIN
         IF i % 2 = 0 THEN
             INSERT INTO a SELECT base + g, g, md5((base + g)::text), now() FROM generate_series(1, 400) g;
             UPDATE a SET v = v + 1, note = note || '+', updated = now()
-             WHERE id BETWEEN base - 500 AND base - 1;
+             WHERE id BETWEEN base - CASE WHEN i % 10 = 0 THEN 1600 ELSE 500 END AND base - 1;
             DELETE FROM a WHERE id BETWEEN base - 800 AND base - 701;
             UPDATE a SET id = id + 10000000 WHERE id BETWEEN base - 1000 AND base - 996;
         ELSE
@@ -68,6 +70,11 @@ def applied(monitor) -> int:
     return monitor.execute("SELECT applied_changes FROM replication.position").fetchone()[0]
 
 
+def logged_changes(hq) -> int:
+    """Changes in HQ's log: a bulk statement's log row holds many."""
+    return hq.scalar("SELECT sum(coalesce(cardinality(rows), 1)) FROM replication.change_log")
+
+
 def wait_until(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -84,8 +91,8 @@ def test_sigkill_at_random_moments_during_a_large_catch_up(tmp_path, hq, branch_
     branch.init()
     hq.execute(CHURN)
     hq.execute("CALL churn(0, %s)", (TRANSACTIONS,))
-    queued = hq.scalar("SELECT count(*) FROM replication.change_log")
-    assert queued > 190_000
+    queued = logged_changes(hq)
+    assert queued > 190_000 and hq.scalar("SELECT count(*) FROM replication.change_log WHERE rows IS NOT NULL") > 20
 
     kills = mid_apply = in_window = in_backlog = 0
     least_backlog = None
@@ -97,12 +104,12 @@ def test_sigkill_at_random_moments_during_a_large_catch_up(tmp_path, hq, branch_
         while kills < KILLS:
             # HQ keeps writing between kills, and the catch-up stays larger than a run can apply
             # before its kill (about 10 ms per 2000-change chunk here), so kills land mid-apply
-            logged = hq.scalar("SELECT count(*) FROM replication.change_log")
+            logged = logged_changes(hq)
             more = 50 if logged - last_applied < 100_000 else 1 if kills % 4 == 3 else 0
             if more:
                 hq.execute("CALL churn(%s, %s)", (next_txn, more))
                 next_txn += more
-                logged = hq.scalar("SELECT count(*) FROM replication.change_log")
+                logged = logged_changes(hq)
             backlog = logged - last_applied
             least_backlog = backlog if least_backlog is None else min(least_backlog, backlog)
             with open(log, "ab") as out:
@@ -149,7 +156,7 @@ def test_sigkill_at_random_moments_during_a_large_catch_up(tmp_path, hq, branch_
         assert_same(hq, branch_a, table)
     with branch_a.connect() as conn:
         pos = state.load_position(conn)
-    total = hq.scalar("SELECT count(*) FROM replication.change_log")
+    total = logged_changes(hq)
     assert pos.applied_changes == total, f"applied {pos.applied_changes} changes, HQ logged {total}"
     assert pos.window_snapshot is None and pos.window_last_id == 0
     assert branch_a.scalar("SELECT count(*) FROM a") > 30_000

@@ -213,7 +213,8 @@ def test_second_run_on_the_same_branch_is_refused_naming_the_holder(hq, branch_a
 
 @pytest.mark.slow
 def test_sigterm_during_a_large_catch_up_finishes_the_chunk_and_exits_0(hq, branch_a, world):
-    b = world(hq, branch_a, poll_interval="60s", batch_rows=500)
+    # 333 changes a chunk: no multiple of it (below 333,000) ends a log row of 1,000 images
+    b = world(hq, branch_a, poll_interval="60s", batch_rows=333)
     base = position(branch_a)["applied_changes"]
     hq.execute("INSERT INTO items SELECT g, 'bulk ' || g, g FROM generate_series(1001, 61000) g")
     with daemon(b) as d:
@@ -223,9 +224,13 @@ def test_sigterm_during_a_large_catch_up_finishes_the_chunk_and_exits_0(hq, bran
     assert "Traceback" not in d.log
     pos = position(branch_a)
     applied = pos["applied_changes"] - base
-    # stopped inside the window, on a chunk boundary, with rows and position agreeing
+    # stopped inside the window, after a whole log row (the INSERT logged its 60,000 images
+    # about 1,000 to a log row: a chunk grows to the end of its last log row), with rows and
+    # position agreeing
     assert pos["window_snapshot"] is not None, "it should have stopped before the end of the backlog"
-    assert 0 < applied < 60_000 and applied % 500 == 0, applied
+    assert 0 < applied < 60_000, applied
+    assert applied == hq.scalar("SELECT sum(cardinality(rows)) FROM replication.change_log WHERE id <= %s",
+                                (pos["window_last_id"],))
     assert branch_a.scalar("SELECT count(*) FROM items WHERE id > 1000") == applied
     assert "stopping inside a window" in d.log
     # and the next run resumes exactly there
