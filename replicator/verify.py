@@ -53,7 +53,7 @@ from . import db, state
 from .config import BranchConfig
 from .errors import ConfigError, NotInitialized
 from .filters import jsonb_column, parse_filter, render
-from .reader import EXPAND, covers, current_snapshot
+from .reader import IMAGES, covers, current_snapshot
 from .schema import Table, bind_target, branch_params, check_names, offered_catalogs, select_catalogs, \
     source_tables
 
@@ -408,13 +408,12 @@ class _Context:
         col = jsonb_column(sql.SQL("l.row"), t.hq_columns)
         q = sql.SQL("""
 SELECT DISTINCT CASE WHEN l.op = 'T' THEN NULL ELSE {key} END
-  FROM replication.change_log l0
- CROSS JOIN LATERAL ({expand}) l
- WHERE l0.table_id = %(tid)s
-   AND l0.xid >= pg_snapshot_xmin(%(prev)s::pg_snapshot) AND l0.xid < pg_snapshot_xmax(%(cur)s::pg_snapshot)
-   AND pg_visible_in_snapshot(l0.xid, %(cur)s::pg_snapshot)
-   AND NOT pg_visible_in_snapshot(l0.xid, %(prev)s::pg_snapshot)
-   AND {cond}""").format(key=self.key_text(t, col), cond=sql.SQL(" AND ").join(cond), expand=EXPAND)
+  FROM ({images}
+         WHERE l.table_id = %(tid)s
+           AND l.xid >= pg_snapshot_xmin(%(prev)s::pg_snapshot) AND l.xid < pg_snapshot_xmax(%(cur)s::pg_snapshot)
+           AND pg_visible_in_snapshot(l.xid, %(cur)s::pg_snapshot)
+           AND NOT pg_visible_in_snapshot(l.xid, %(prev)s::pg_snapshot)) l
+ WHERE {cond}""").format(key=self.key_text(t, col), cond=sql.SQL(" AND ").join(cond), images=IMAGES)
         rows = self.hq.execute(q, {"tid": t.id, "prev": position, "cur": snap}).fetchall()
         keys = {r[0] for r in rows}
         truncated = None in keys
