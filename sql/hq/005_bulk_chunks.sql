@@ -153,7 +153,7 @@ BEGIN
     -- A bulk statement logs its images 1,000 to a log row (an array, compressed with lz4
     -- where the server has it): a log row per changed row, with its index entries, costs
     -- more than the rest of capture.  Every updated row is logged, changed or not: pairing
-    -- old and new rows to skip the unchanged ones would cost about as much again.  A
+    -- old and new rows to skip the unchanged ones costs 0.3-0.6 of the statement's time.  A
     -- table with a row filter logs row by row: its UPDATEs need each new image next to
     -- its old one (a branch must see a row leave its filter), and a replicator older than
     -- this migration would skip its arrays unseen, where for other tables it stops.
