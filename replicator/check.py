@@ -40,6 +40,10 @@ def run_check(cfg: BranchConfig) -> CheckReport:
         rep.lines.append("connection OK")
         rep.lines.append(f"HQ:     PostgreSQL {_version(hq)} at {db.describe(cfg.source_dsn)}")
         rep.lines.append(f"branch: PostgreSQL {_version(branch)} at {db.describe(cfg.target_dsn)}")
+        encodings = [c.execute("SHOW server_encoding").fetchone()[0] for c in (hq, branch)]
+        if encodings[0] != encodings[1]:
+            rep.lines.append(f"branch database encoding {encodings[1]}, HQ's {encodings[0]}: text is converted "
+                             f"on the way; a character {encodings[1]} cannot hold stops the apply, naming its table")
         _check_hq(cfg, hq, branch, rep)
         return rep
     finally:
@@ -75,7 +79,7 @@ def _check_hq(cfg: BranchConfig, hq, branch, rep: CheckReport) -> None:
                          + (f" (parameters: {', '.join(f'{k}={v}' for k, v in params.items())})" if params else ""))
     except ReplicatorError as e:
         rep.problems.append(str(e))
-    offered = offered_catalogs(hq)
+    offered = offered_catalogs(hq, cfg.branch)
     try:
         names = select_catalogs(cfg, offered)
     except UnknownCatalog as e:

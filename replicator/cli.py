@@ -122,14 +122,21 @@ def _hq_conn(cfg):
     return db.connect(cfg.dsn, "HQ", autocommit=True, application="replicator hq")
 
 
+DETACH = click.option("--detach", is_flag=True, help="Also stop capturing tables hq.yaml no longer lists, "
+                      "although branches are registered (their changes stop reaching them).")
+
+
 @hq.command("install")
 @CONFIG
-def hq_install(config_path: str) -> None:
+@DETACH
+def hq_install(config_path: str, detach: bool) -> None:
     """Install or upgrade capture on HQ (idempotent).
 
     Applies pending migrations from sql/hq, registers the catalogs of
     hq.yaml and attaches capture triggers to their tables. Running it again
-    changes nothing; a table added to a catalog gets its trigger.
+    changes nothing; a table added to a catalog gets its trigger. A table
+    hq.yaml no longer lists keeps its capture while branches are
+    registered, unless --detach.
 
     Example:
 
@@ -138,20 +145,23 @@ def hq_install(config_path: str) -> None:
     from .capture import install
     cfg = config_mod.load_hq(config_path)
     with _hq_conn(cfg) as conn:
-        report = install(conn, cfg)
+        report = install(conn, cfg, detach)
     for m in report.migrations:
         click.echo(f"applied migration {m}")
     for t in report.attached:
         click.echo(f"capture attached: {t}")
     for t in report.retired:
         click.echo(f"capture removed: {t}")
+    for t, old, new in report.filters:
+        click.echo(f"row filter changed: {t}: {old or '(none)'} -> {new or '(none)'}")
     if not report.changed:
         click.echo(f"capture is up to date ({len(report.unchanged)} tables); nothing changed")
 
 
 @hq.command("sql")
 @CONFIG
-def hq_sql(config_path: str) -> None:
+@DETACH
+def hq_sql(config_path: str, detach: bool) -> None:
     """Print the install DDL for your own migration tool (no connection needed).
 
     Example:
@@ -159,7 +169,7 @@ def hq_sql(config_path: str) -> None:
         replicator hq sql -c hq.yaml > V42__replicator.sql
     """
     from .capture import sql_script
-    click.echo(sql_script(config_mod.load_hq(config_path)), nl=False)
+    click.echo(sql_script(config_mod.load_hq(config_path), detach), nl=False)
 
 
 def _parse_params(values: tuple[str, ...]) -> dict:
@@ -178,15 +188,24 @@ def _parse_params(values: tuple[str, ...]) -> dict:
 @click.option("--param", "params", multiple=True, metavar="K=V", help="Row-filter parameter, e.g. store_id=42.")
 @click.option("--password-env", metavar="VAR", help="Take the branch role's password from this variable "
               "(default: generate one and show it once).")
-def hq_add_branch(config_path: str, branch: str, params: tuple[str, ...], password_env: str | None) -> None:
+@click.option("--connection-limit", type=int, default=6, show_default=True, metavar="N",
+              help="Most HQ connections the branch's login may hold at once.")
+@click.option("--catalogs", "catalogs", metavar="A,B", help="The catalogs the branch may read "
+              "(default: every catalog, also ones defined later).")
+def hq_add_branch(config_path: str, branch: str, params: tuple[str, ...], password_env: str | None,
+                  connection_limit: int, catalogs: str | None) -> None:
     """Register BRANCH on HQ with its parameters and a least-privilege login role.
 
     Prints a ready branch.yaml on stdout. HQ, not the branch, decides which
     rows the branch receives: row filters are filled with these parameters.
+    The login role is created fresh (an existing role that add-branch did
+    not create for BRANCH is refused), with a connection limit and session
+    timeouts that protect HQ.
 
     Example:
 
         replicator hq add-branch -c hq.yaml store-042 --param store_id=42 > branch.yaml
+        replicator hq add-branch -c hq.yaml store-043 --param store_id=43 --catalogs items,stock
     """
     import os
     from .hq import add_branch
@@ -198,7 +217,8 @@ def hq_add_branch(config_path: str, branch: str, params: tuple[str, ...], passwo
             raise ConfigError(f"environment variable {password_env} is empty or not set", None, None,
                               "--password-env")
     with _hq_conn(cfg) as conn:
-        reg = add_branch(conn, cfg, branch, _parse_params(params), password)
+        granted = None if catalogs is None else [c.strip() for c in catalogs.split(",") if c.strip()]
+        reg = add_branch(conn, cfg, branch, _parse_params(params), password, connection_limit, granted)
     if reg.password:
         click.echo(f"password for role {reg.role} (shown once; put it in the branch's ~/.pgpass): "
                    f"{reg.password}", err=True)
@@ -228,6 +248,30 @@ def hq_status(config_path: str) -> None:
         lag = "-" if b.lag is None else f"{b.lag.total_seconds():.1f} s"
         flag = "" if b.active else " (inactive)"
         click.echo(f"{b.name:<20} {seen:<20} {pending:>8}  {lag}{flag}")
+
+
+@hq.command("deactivate")
+@CONFIG
+@click.argument("branch")
+def hq_deactivate(config_path: str, branch: str) -> None:
+    """Stop BRANCH from holding HQ's log; its login can no longer connect.
+
+    For a store that closed or went silent: `hq prune` stops keeping log
+    rows for it, its role loses LOGIN and its open sessions are ended.
+    `hq add-branch` with the same name brings it back (then `replicator
+    init --force` on the branch if the log was pruned past it).
+
+    Example:
+
+        replicator hq deactivate -c hq.yaml store-042
+    """
+    from .hq import deactivate
+    cfg = config_mod.load_hq(config_path)
+    with _hq_conn(cfg) as conn:
+        rep = deactivate(conn, branch)
+    ended = ("its open sessions could not be ended (needs pg_signal_backend)" if rep.sessions_ended is None
+             else f"{rep.sessions_ended} open session(s) ended")
+    click.echo(f"deactivated {rep.branch}: role {rep.role} can no longer log in; {ended}")
 
 
 @hq.command("prune")
@@ -309,8 +353,8 @@ def init(config_path: str, catalogs: tuple[str, ...], include_customers: bool, f
 def run(config_path: str, once: bool) -> None:
     """Replicate HQ changes to this branch until stopped (SIGTERM/Ctrl-C finish cleanly).
 
-    Wakes on NOTIFY from HQ and polls every `poll_interval` (branch.yaml)
-    as a fallback. Problems found at start (config, password, schema,
+    Probes HQ's log every `poll_interval` (branch.yaml, default 250ms; an
+    idle probe is one indexed query). Problems found at start (config, password, schema,
     nothing listening) exit at once: 2 for configuration, 1 otherwise. Once
     running, a lost HQ or branch connection is logged once and retried
     with backoff until it is back. SIGTERM/SIGINT finish the current

@@ -19,8 +19,8 @@ from .errors import ConfigError
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _CATALOG_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-_DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_DURATION_RE = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,6})?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
 
 class _Map(dict):
@@ -35,7 +35,19 @@ class _Str(str):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that records line numbers and expands ${VAR} in strings."""
+    """SafeLoader that records line numbers and expands ${VAR} in strings.
+
+    Aliases are refused: a configuration has no use for them, and a few lines of
+    nested aliases (a "billion laughs") expand to more than any machine holds as soon
+    as anything walks the value, an error message included.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError("YAML aliases (*name) are not supported here; write the value out",
+                              getattr(self, "path", None), event.start_mark.line + 1)
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
@@ -77,15 +89,32 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG, _construct_str)
 
 
+# A configuration is a few kilobytes; a catalogs file for a big schema a few hundred.
+MAX_CONFIG_BYTES = 1_000_000
+
+
 def load_yaml(path: str | Path) -> _Map:
-    """Parse a YAML file into line-aware mappings; a YAML error keeps its line."""
+    """Parse a YAML file into line-aware mappings; a YAML error keeps its line.
+
+    Bounded in time and memory whatever the file holds: size is capped, aliases are
+    refused, deep nesting is an error, bytes that are not UTF-8 are named by line.
+    """
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError("file not found; pass the right path with -c", path) from None
     except OSError as e:
         raise ConfigError(f"cannot read file: {e.strerror}", path) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"file is larger than {MAX_CONFIG_BYTES // 1_000_000} MB; a configuration is a few "
+                          "kilobytes: is this the right file?", path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8", path,
+                          raw.count(b"\n", 0, e.start) + 1) from None
     loader = _Loader(text)
     loader.path = path
     try:
@@ -95,6 +124,8 @@ def load_yaml(path: str | Path) -> _Map:
         raise ConfigError(f"invalid YAML: {e.problem}{_yaml_hint(e.problem or '')}", path, line) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid YAML: {e}", path) from None
+    except RecursionError:
+        raise ConfigError("values are nested too deeply", path) from None
     finally:
         loader.dispose()
     if not isinstance(data, _Map):
@@ -147,7 +178,8 @@ class _Reader:
         value = self.data[key]
         if kind is bool and not isinstance(value, bool):
             raise self.error(key, "expected true or false", value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        numeric = kind is int or (isinstance(kind, tuple) and int in kind)
+        if not isinstance(value, kind) or (numeric and isinstance(value, bool)):
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
             raise self.error(key, f"expected {_KIND_NAMES.get(names, names)}", value)
         return value
@@ -161,15 +193,27 @@ class _Reader:
 
 
 _KIND_NAMES = {"str": "a string", "int": "a whole number", "dict": "a mapping",
-               "list": "a list", "bool": "true or false", "int/str": "a number or duration"}
+               "list": "a list", "bool": "true or false", "int/str": "a number or duration", "int/float/str": "a number or duration"}
 
 
-def parse_duration(value: Any) -> timedelta:
-    """'7d', '12h', '30m', '45s', '2w' or a number of seconds."""
-    m = _DURATION_RE.match(str(value))
+def parse_duration(value: Any, least: float = 0, most: float = 10 * 365 * 86400) -> timedelta:
+    """'7d', '12h', '30m', '45s', '250ms', '2w' or a number of seconds, between `least` and
+    `most` seconds: a typo of a few digits must not overflow or turn a poll into a busy loop."""
+    m = _DURATION_RE.match(str(value)) if isinstance(value, (int, float, str)) \
+        and not isinstance(value, bool) else None
     if not m:
-        raise ValueError(f"not a duration like 7d, 12h, 30m or 45s: {value!r}")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+        raise ValueError(f"not a duration like 7d, 12h, 30m, 45s or 250ms: {value!r}")
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if not least <= seconds <= most:
+        raise ValueError(f"must be between {_human(least)} and {_human(most)} (got {value!r})")
+    return timedelta(seconds=seconds)
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms"
 
 
 def qualify(table: str) -> str:
@@ -222,7 +266,7 @@ def load_hq(path: str | Path) -> HQConfig:
     root.check_keys({"dsn", "retention", "catalogs", "catalogs_file"})
     dsn = root.get("dsn", str)
     try:
-        retention = parse_duration(root.get("retention", (int, str), "7d"))
+        retention = parse_duration(root.get("retention", (int, float, str), "7d"))
     except ValueError as e:
         raise root.error("retention", str(e)) from None
     if "catalogs_file" in root.data:
@@ -301,7 +345,7 @@ class BranchConfig:
     source_dsn: str
     target_dsn: str
     catalogs: list[str] | None          # None: HQ's default catalogs
-    poll_interval: float = 5.0          # seconds between polls when NOTIFY is quiet
+    poll_interval: float = 0.25         # seconds between probes of HQ's log (cheap: one index probe)
     batch_rows: int = 20000             # changes per apply transaction (bigger: more coalescing)
     lines: dict = field(default_factory=dict, repr=False)   # key -> line in the file
 
@@ -317,7 +361,7 @@ def load_branch(path: str | Path) -> BranchConfig:
     root = _Reader(path, load_yaml(path))
     root.check_keys({"branch", "source", "target", "catalogs", "poll_interval", "batch_rows"})
     branch = root.get("branch", str)
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", branch):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", branch):
         raise root.error("branch", "use letters, digits, '-', '_' or '.' (max 63)", branch)
     source, target = root.sub("source"), root.sub("target")
     source.check_keys({"dsn"})
@@ -330,7 +374,7 @@ def load_branch(path: str | Path) -> BranchConfig:
         if len(set(catalogs)) != len(catalogs):
             raise root.error("catalogs", "a catalog is listed twice", catalogs)
     try:
-        poll = parse_duration(root.get("poll_interval", (int, str), 5)).total_seconds()
+        poll = parse_duration(root.get("poll_interval", (int, float, str), "250ms"), 0.01, 3600).total_seconds()
     except ValueError as e:
         raise root.error("poll_interval", str(e)) from None
     batch = root.get("batch_rows", int, 20000)
@@ -338,4 +382,4 @@ def load_branch(path: str | Path) -> BranchConfig:
         raise root.error("batch_rows", "must be at least 1", batch)
     return BranchConfig(path=path, branch=branch, source_dsn=source.get("dsn", str),
                         target_dsn=target.get("dsn", str), catalogs=catalogs,
-                        poll_interval=max(poll, 0.05), batch_rows=batch, lines=dict(root.data.lines))
+                        poll_interval=poll, batch_rows=batch, lines=dict(root.data.lines))

@@ -1,8 +1,14 @@
 """`replicator run`: the loop that keeps one branch in step with HQ.
 
-    wait (NOTIFY or poll) -> snapshot -> read window -> apply chunk + position
-                                                       (one branch transaction)
-                          -> ack position to HQ
+    poll (one indexed probe of HQ's log) -> snapshot -> read window -> apply chunk + position
+                                                                   (one branch transaction)
+                                            -> ack position to HQ
+
+Branches find new changes by polling, never by a NOTIFY from HQ's writers: a
+notification is queued at the writer's commit, so any login idling in a
+transaction with LISTEN could fill the queue and fail every capturing commit
+(README, Security).  An idle poll is one probe on HQ (pg_current_snapshot and two
+index range checks), well under a millisecond of HQ CPU.
 
 The position row is locked and rewritten in every apply transaction, so
 `init` and `verify --repair` serialize with us, and a SIGKILL at any instant
@@ -26,14 +32,15 @@ from .apply import Applier, Batch
 from .config import BranchConfig
 from .errors import ApplyFailed, ConnectionFailed, LockHeld, NotInitialized, PositionLost, ReplicatorError
 from .reader import LogReader, Prefetch, covers, current_snapshot
-from .schema import bind_target, branch_params, offered_catalogs, select_catalogs, source_tables
+from .schema import (bind_target, branch_params, capture_gap_error, capture_gaps, offered_catalogs,
+                     select_catalogs, source_tables)
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x7265706C  # 'repl': pg_advisory_lock(LOCK_KEY, 1) marks a running replicator
-CHANNEL = "replicator"
 LOCK_WAIT = 5.0          # seconds to wait for the run lock of a replicator that just died
 ACK_INTERVAL = 1.0       # seconds between position reports for empty windows
+IDLE_ADVANCE = 5.0       # seconds between position moves while the log holds nothing for us
 
 
 class _Reload(Exception):
@@ -46,14 +53,16 @@ class Session:
     def __init__(self, cfg: BranchConfig, app: str = "replicator run"):
         self.cfg = cfg
         self.app = f"{app} {cfg.branch} pid {os.getpid()}"
-        self.hq = self.branch = self.listener = None
+        self.hq = self.branch = None
         self.tables = []
         self.config_version = 0
         self.last_ack = 0.0
+        self.last_advance = 0.0
+        self.probed = self.probed_from = None    # end of the last empty probe, and the position it began at
         self.stop = threading.Event()   # set by SIGTERM/SIGINT: stop after the current chunk
 
     # ---------------------------------------------------------- connect
-    def open(self, listen: bool = True) -> None:
+    def open(self) -> None:
         self.hq = db.connect(self.cfg.source_dsn, "HQ", autocommit=True, application=self.app)
         self.branch = db.connect(self.cfg.target_dsn, "branch", autocommit=True, application=self.app)
         for conn in (self.hq, self.branch):
@@ -66,19 +75,16 @@ class Session:
         self.hq.execute("SET max_parallel_workers_per_gather = 0")
         self._lock()
         db.require_version(self.hq, "hq", "HQ")
-        if listen:
-            self.listener = db.connect(self.cfg.source_dsn, "HQ", autocommit=True, application=self.app)
-            self.listener.execute(f"LISTEN {CHANNEL}")
         self.load()
 
     def close(self) -> None:
-        for conn in (self.listener, self.hq, self.branch):
+        for conn in (self.hq, self.branch):
             if conn is not None:
                 try:
                     conn.close()
                 except Exception:  # closing a broken connection must not mask the real error
                     pass
-        self.hq = self.branch = self.listener = None
+        self.hq = self.branch = None
 
     def _lock(self) -> None:
         """One run per branch database.  A replicator killed a moment ago may still hold
@@ -109,7 +115,7 @@ class Session:
         if pos is not None and getattr(self, "reader", None) is not None \
                 and pos.config_version != self.config_version:
             self._reread_selection()
-        offered = offered_catalogs(self.hq)
+        offered = offered_catalogs(self.hq, self.cfg.branch)
         names = select_catalogs(self.cfg, offered)      # a bad selection is a config error first
         if pos is None:
             raise NotInitialized(f"branch {self.cfg.branch} has no position yet; run `replicator init -c "
@@ -119,6 +125,9 @@ class Session:
         bind_target(self.branch, tables)
         guard.sync(self.branch, tables, self.cfg.path, pos.config_version)   # read-only tables, stale state
         states = state.table_states(self.branch)
+        gaps = capture_gaps(self.hq, tables, states)
+        if gaps:
+            raise capture_gap_error(gaps)
         skip = {}
         for t in tables:
             st = states.get(t.qualified)
@@ -161,9 +170,15 @@ class Session:
             self.load()
         if pos.window_snapshot:
             cur, after = pos.window_snapshot, pos.window_last_id
+        elif target:
+            cur, after = target, 0
         else:
-            cur, after = target or current_snapshot(self.hq), 0
-            if cur == pos.snapshot:
+            cur, news = self._probe(pos)
+            after = 0
+            if cur is None:
+                return 0
+            if not news:
+                self._advance(pos, cur)
                 return 0
         self.check_horizon(pos)
         applied, finished, newest, carry = 0, False, None, []
@@ -194,8 +209,42 @@ class Session:
         if not finished:
             applied += self._apply(pos, cur, self.applier.reduce(carry), done=True)
             newest = carry[-1][5] if carry else newest
+        self.last_advance = time.monotonic()
         self._ack(cur, newest, force=applied > 0 or target is not None)
         return applied
+
+    def _probe(self, pos: state.Position) -> tuple[str | None, bool]:
+        """HQ's snapshot and whether anything of ours may have committed since the position.
+
+        Probes start where the last empty probe ended (windows compose: what is visible
+        in `cur` and not in the position is what the empty probes covered plus what this
+        one covers), so an idle branch's probe looks at one poll's worth of log, not at
+        everything other tables logged since its position last moved.
+        """
+        since = self.probed if self.probed_from == pos.snapshot else pos.snapshot
+        cur, news = self.reader.probe(self.hq, since)
+        if cur == since:
+            return None, False
+        if not news:
+            self.probed, self.probed_from = cur, pos.snapshot
+        return cur, news
+
+    def _advance(self, pos: state.Position, cur: str) -> None:
+        """Move the position over log that holds nothing for us, every IDLE_ADVANCE seconds
+        (so HQ can prune and `hq status` sees us), without reading the window again."""
+        if time.monotonic() - self.last_advance < IDLE_ADVANCE:
+            return
+        self.check_horizon(pos)        # a pruned hole would also look empty
+        with self.branch.transaction():
+            locked = state.load_position(self.branch, lock=True, schema_known=True)
+            if locked.config_version != self.config_version or locked.snapshot != pos.snapshot \
+                    or locked.window_snapshot:
+                raise _Reload()
+            state.save_position(self.branch, state.Position(snapshot=cur, window_snapshot=None, window_last_id=0,
+                                                            config_version=self.config_version,
+                                                            applied_until=None), applied=0)
+        self.last_advance = time.monotonic()
+        self._ack(cur, None, force=True)
 
     def _apply(self, pos: state.Position, cur: str, batch: Batch, done: bool) -> int:
         start = time.monotonic()
@@ -204,7 +253,14 @@ class Session:
             locked = state.load_position(self.branch, lock=True, schema_known=True)
             if locked.config_version != self.config_version or locked.snapshot != pos.snapshot:
                 raise _Reload()
-            stats = self.applier.apply(batch) if rows else None
+            try:
+                stats = self.applier.apply(batch) if rows else None
+            except psycopg.errors.UntranslatableCharacter as e:
+                names = sorted(t.qualified for t in self.tables if t.id in batch.pending)
+                raise ApplyFailed(f"applying changes to {', '.join(names)} failed on the branch: "
+                                  f"{e.diag.message_primary}: this branch database's encoding cannot hold a "
+                                  "character HQ sent; nothing of that chunk was applied and the position is "
+                                  "unchanged; fix the value at HQ, or use a UTF8 branch database") from e
             last_id = batch.last_id if rows else locked.window_last_id
             newest = batch.newest
             new = state.Position(snapshot=cur if done else pos.snapshot,
@@ -237,25 +293,6 @@ class Session:
         except psycopg.errors.InsufficientPrivilege as e:
             log.warning("HQ refused the position report: %s", e.diag.message_primary)
 
-    def wait(self, seconds: float, stop: threading.Event) -> None:
-        """Sleep until HQ notifies a change, `seconds` pass, or we are asked to stop."""
-        deadline = time.monotonic() + seconds
-        while not stop.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            if self.listener is None:
-                stop.wait(min(left, 0.5))
-                continue
-            got = False
-            for _ in self.listener.notifies(timeout=min(left, 0.5), stop_after=1):
-                got = True
-            if got:
-                # drain the burst: one window covers every change notified so far
-                for _ in self.listener.notifies(timeout=0.001):
-                    pass
-                return
-
 
 def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = None) -> int:
     """Keep the branch in step until stopped; with once=True catch up and return."""
@@ -267,12 +304,12 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
     rebound = False
     try:
         # A problem at start (config, password, schema, HQ unreachable) is an error, not an outage.
-        session.open(listen=not once)
+        session.open()
         target = current_snapshot(session.hq) if once else None
         while not stop.is_set():
             try:
                 if session.hq is None:
-                    session.open(listen=not once)
+                    session.open()
                     log.info("reconnected after %.1f s; resuming", time.monotonic() - outage_since)
                     outage_since = None
                 if once and _caught_up(session, target):
@@ -280,7 +317,7 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
                 applied = session.step(target)
                 rebound = False
                 if not once and applied == 0:
-                    session.wait(cfg.poll_interval, stop)
+                    stop.wait(cfg.poll_interval)
             except _Reload:
                 log.info("table states changed on the branch (init); reloading")
                 session.config_version = None   # step() reloads, inside this try (outages included)

@@ -36,28 +36,71 @@ def describe(dsn: str) -> str:
         d = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
         return "(unparseable connection string)"
+    if "@" in (d.get("host") or ""):
+        return "(connection string with '@' in its host name)"
     host = d.get("host") or "local socket"
     port = d.get("port") or "5432"
     user = d.get("user") or "(default user)"
     return f"{user}@{host}:{port}/{d.get('dbname') or '(default db)'}"
 
 
+def check_dsn(dsn: str, side: str) -> dict:
+    """Parse a connection string, or say what is wrong with it without quoting any of it.
+
+    libpq's own message quotes the offending token, which may be the password (a bad
+    %-escape in it, a keyword DSN missing '='), so it is never shown as it is.
+    """
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as e:
+        raise ConnectionFailed(side, f"invalid connection string: {_dsn_problem(e)}") from None
+    if "@" in (parts.get("host") or ""):
+        # postgresql://user:p@ss@host: libpq splits at the first '@', so the rest of the
+        # password became the host name (and would show up in every error about it).
+        raise ConnectionFailed(side, "invalid connection string: the host name contains '@'; "
+                                     "write an '@' inside the user name or password as %40")
+    return parts
+
+
+_DSN_PROBLEMS = (
+    ("percent-encoded", "a %-escape is not valid (write a literal % as %25)"),
+    ('missing "="', "a word without '=' (write keyword=value pairs; quote a value with spaces in single quotes)"),
+    ("unterminated quoted string", "a quoted value is not closed"),
+    ("invalid connection option", "an unknown keyword (see libpq's connection parameters)"),
+    ("invalid URI query parameter", "an unknown ?parameter (see libpq's connection parameters)"),
+    ("invalid integer value", "a number is not valid (port, connect_timeout)"),
+    ("ipv6", "an IPv6 address is not closed with ']'"),
+)
+
+
+def _dsn_problem(e: Exception) -> str:
+    low = str(e).lower()
+    for needle, text in _DSN_PROBLEMS:
+        if needle.lower() in low:
+            return text
+    return "libpq cannot parse it (its message is not shown: it may quote the password)"
+
+
 def connect(dsn: str, side: str, *, autocommit: bool = False, application: str = "replicator",
             timeout: int = 10) -> psycopg.Connection:
     """Open a connection or raise ConnectionFailed with advice for a person."""
-    try:
-        conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as e:
-        raise ConnectionFailed(side, f"invalid connection string: {_first_line(e)}") from None
+    secret = check_dsn(dsn, side).get("password")
     try:
         conn = psycopg.connect(dsn, autocommit=autocommit, application_name=application,
                                connect_timeout=timeout)
     except psycopg.OperationalError as e:
-        raise ConnectionFailed(side, f"{describe(dsn)}: {explain(e)}") from None
+        reason = f"{describe(dsn)}: {explain(e)}"
+        if secret:
+            reason = reason.replace(secret, "***")
+        raise ConnectionFailed(side, reason) from None
     # psycopg reads dates and intervals only in ISO / postgres output style; a server or database
     # set to DateStyle 'SQL, DMY' (usual in Latin America) would make every timestamp unreadable.
     # Only the output style changes: the day/month order for input stays the server's.
-    conn.execute("SELECT set_config('DateStyle', 'ISO', false), set_config('IntervalStyle', 'postgres', false)")
+    # Every connection speaks UTF-8, whatever its server's encoding: text copied from HQ to a
+    # LATIN1 or WIN1252 branch (binary COPY, binary records) is converted by that server, and
+    # a character it cannot hold is an error there, never bytes stored as the wrong letters.
+    conn.execute("SELECT set_config('DateStyle', 'ISO', false), set_config('IntervalStyle', 'postgres', false), "
+                 "set_config('client_encoding', 'UTF8', false)")
     if not autocommit:
         conn.commit()
     return conn

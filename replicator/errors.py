@@ -7,16 +7,28 @@ the thing (file and line, table, column, branch) and say what to do next.
 from __future__ import annotations
 
 import re
+import reprlib
 
 # postgresql://user:secret@host  and  password=secret / password='se cret'
 _URI_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/?#@\s]*:)\S*@", re.IGNORECASE)
-_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s]+)", re.IGNORECASE)
+_KV_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]+)", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     """Hide passwords inside connection strings, so no message or log line carries one."""
     text = _URI_PASSWORD.sub(r"\1***@", text)
     return _KV_PASSWORD.sub(r"\1***", text)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 200
+_REPR.maxlist = _REPR.maxdict = 10
+_REPR.maxlevel = 3
+
+
+def _short_repr(value: object) -> str:
+    """A value quoted in a message, bounded whatever its size or depth."""
+    return _REPR.repr(value)
 
 
 class ReplicatorError(Exception):
@@ -37,7 +49,7 @@ class ConfigError(ReplicatorError):
         if path:
             where = f"{path}:{line}: " if line else f"{path}: "
         what = f"{field}: " if field else ""
-        got = f" (got {redact(repr(value))})" if value is not None else ""
+        got = f" (got {redact(_short_repr(value))})" if value is not None else ""
         super().__init__(f"{where}{what}{message}{got}")
 
     def within(self, key: str) -> "ConfigError":

@@ -201,12 +201,23 @@ def _parse_one(text: str, fail: Callable[[str], FilterError]) -> exp.Expression:
     try:
         trees = [t for t in _DIALECT.parse(text) if t is not None]
     except ParseError as e:
-        raise fail(f"could not parse: {_first_line(e)}") from None
+        raise fail(f"could not parse: {_parse_problem(e)}") from None
     except RecursionError:
         raise fail("expression is nested too deeply") from None
     if len(trees) != 1:
         raise fail(f"expected exactly one predicate, got {len(trees)} expressions")
     return trees[0]
+
+
+def _parse_problem(error: ParseError) -> str:
+    """sqlglot's description and column, in words: its own text can name its classes
+    ("Required keyword: 'this' missing for <class 'sqlglot.expressions.EQ'>")."""
+    first = (error.errors or [{}])[0]
+    description = str(first.get("description") or _first_line(error))
+    if "sqlglot" in description or "<class" in description or "Required keyword" in description:
+        description = "incomplete expression (an operator or a value is missing)"
+    col = first.get("col")
+    return f"{description} near column {col}" if col else description
 
 
 def _first_line(error: Exception) -> str:

@@ -177,7 +177,7 @@ def _refuse_selected(cfg: BranchConfig, catalogs: list[str]) -> None:
     else:
         hq = db.connect(cfg.source_dsn, "HQ", autocommit=True, application=f"replicator release {cfg.branch}")
         try:
-            selected = set(select_catalogs(cfg, offered_catalogs(hq)))
+            selected = set(select_catalogs(cfg, offered_catalogs(hq, cfg.branch)))
         finally:
             hq.close()
         how = "is selected by default (the file has no catalogs: list)"

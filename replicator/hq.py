@@ -26,8 +26,24 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+GROUP_ROLE = "replicator_branch"       # every branch login is a member; it has no rights of its own
+BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# A branch login needs one HQ connection per command it runs at once (run, init, verify,
+# status, check) and one spare for a restarted `run` whose old backend has not gone yet.
+CONNECTION_LIMIT = 6
+# What protects HQ from an honest but buggy branch login.  The role can override the
+# first two with SET (they are user settings); temp_file_limit it cannot (superuser only).
+ROLE_SETTINGS = {"idle_in_transaction_session_timeout": "5min", "statement_timeout": "1h",
+                 "temp_file_limit": "5GB"}
+
+
 def role_name(branch: str) -> str:
     return "replicator_" + re.sub(r"[^a-z0-9_]", "_", branch.lower())[:50]
+
+
+def role_mark(branch: str) -> str:
+    """The comment add-branch puts on a role it created: the only roles it will ever change."""
+    return f"replicator: HQ login of branch {branch}, created by replicator hq add-branch"
 
 
 @dataclass
@@ -37,55 +53,144 @@ class Registration:
     password: str | None      # set only when we generated it: shown once
     params: dict
     branch_yaml: str
+    warnings: list[str]
+
+
+def check_branch_name(branch: object) -> str:
+    if not isinstance(branch, str) or not BRANCH_NAME.fullmatch(branch):
+        raise ConfigError("use letters, digits, '-', '_' or '.' (max 63), starting with a letter or digit",
+                          None, None, "BRANCH", branch)
+    if role_name(branch) == GROUP_ROLE:
+        raise ConfigError(f"its login role would be {GROUP_ROLE}, the group role of every branch; "
+                          "choose another name", None, None, "BRANCH", branch)
+    return branch
 
 
 def add_branch(conn: psycopg.Connection, cfg: HQConfig, branch: str, params: dict,
-               password: str | None = None) -> Registration:
-    """Create or update the branch's registration and login role."""
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", branch):
-        raise ConfigError("use letters, digits, '-', '_' or '.' (max 63)", None, None, "BRANCH", branch)
+               password: str | None = None, connection_limit: int = CONNECTION_LIMIT,
+               catalogs: list[str] | None = None) -> Registration:
+    """Create or update the branch's registration and its own login role.
+
+    The role is created here, fresh, and marked; an existing role is changed only if
+    add-branch created it for this same branch.  Anything else with that name (an
+    application's role, an admin's) is refused by name: adopting it would reset its
+    password and hand a store its rights.  `catalogs` are the catalogs it may read
+    (None: every catalog, also ones defined later); PostgreSQL enforces it.
+    """
+    check_branch_name(branch)
+    if catalogs is not None:
+        unknown = [c for c in catalogs if c not in cfg.catalogs]
+        if unknown or not catalogs:
+            raise ConfigError(f"unknown catalog {', '.join(unknown)}; {cfg.path} defines {', '.join(cfg.catalogs)}"
+                              if unknown else "name at least one catalog", None, None, "--catalogs",
+                              ",".join(catalogs))
+    if not 1 <= connection_limit <= 100:
+        raise ConfigError("must be between 1 and 100", None, None, "--connection-limit", connection_limit)
     db.require_version(conn, "hq", "HQ")
     _check_params(conn, params)
     role = role_name(branch)
     generated = None
     with conn.transaction():
-        _check_role(conn, branch, role)
-        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('replicator add-branch'))")
+        exists = _check_role(conn, branch, role)
+        ident = sql.Identifier(role)
         if not exists:
             if password is None:
                 password = generated = secrets.token_urlsafe(18)
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}")
-                         .format(sql.Identifier(role), sql.Literal(_verifier(conn, role, password))))
-        elif password is not None:
-            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(_verifier(conn, role, password))))
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT {} PASSWORD {}").format(
+                ident, sql.Literal(connection_limit), sql.Literal(_verifier(conn, role, password))))
         else:
-            log.warning("role %s already exists; its password is unchanged (pass --password-env to set one)", role)
-        conn.execute(sql.SQL("GRANT replicator_branch TO {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN CONNECTION LIMIT {}").format(
+                ident, sql.Literal(connection_limit)))
+            if password is not None:
+                conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    ident, sql.Literal(_verifier(conn, role, password))))
+            else:
+                log.warning("role %s already exists; its password is unchanged (pass --password-env to set one)",
+                            role)
+        conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(ident, sql.Literal(role_mark(branch))))
+        conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(GROUP_ROLE), ident))
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
-            sql.Identifier(conn.info.dbname), sql.Identifier(role)))
+            sql.Identifier(conn.info.dbname), ident))
         conn.execute(
-            """INSERT INTO replication.branches (name, role, params) VALUES (%s, %s, %s)
-               ON CONFLICT (name) DO UPDATE SET params = EXCLUDED.params, role = EXCLUDED.role, active = true""",
-            (branch, role, psycopg.types.json.Jsonb(params)))
+            """INSERT INTO replication.branches (name, role, params, catalogs) VALUES (%s, %s, %s, %s)
+               ON CONFLICT (name) DO UPDATE SET params = EXCLUDED.params, role = EXCLUDED.role, active = true,
+                                                catalogs = EXCLUDED.catalogs""",
+            (branch, role, psycopg.types.json.Jsonb(params), catalogs))
+        conn.execute("SELECT replication.build_access()")     # its catalog memberships
+    warnings = _protect(conn, role)
     log.info("branch %s registered with role %s and parameters %s", branch, role, params)
-    return Registration(branch, role, generated, params, branch_yaml(cfg, branch, role, params))
+    return Registration(branch, role, generated, params, branch_yaml(cfg, branch, role, params), warnings)
 
 
-def _check_role(conn: psycopg.Connection, branch: str, role: str) -> None:
-    """One login per branch, and never one that can do more than a branch needs."""
+def _check_role(conn: psycopg.Connection, branch: str, role: str) -> bool:
+    """Whether the branch's role exists already; refuse one that add-branch did not make for it."""
     other = conn.execute("SELECT name FROM replication.branches WHERE role = %s AND name <> %s",
                          (role, branch)).fetchone()
     if other:
         raise ConfigError(f"its login role {role} already belongs to branch {other[0]}; "
                           "choose a branch name that differs in more than case or punctuation",
                           None, None, "BRANCH", branch)
-    row = conn.execute("SELECT rolsuper OR rolcreaterole OR rolcreatedb OR rolreplication OR rolbypassrls "
-                       "FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
-    if row and row[0]:
-        raise ConfigError(f"role {role} already exists with more privileges than a branch needs "
-                          "(superuser, createrole, createdb, replication or bypassrls); "
-                          "drop it or choose another branch name", None, None, "BRANCH", branch)
+    row = conn.execute(
+        """SELECT shobj_description(r.oid, 'pg_authid') IS NOT DISTINCT FROM %s
+                  OR EXISTS (SELECT FROM replication.branches b WHERE b.name = %s AND b.role = r.rolname),
+                  r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls
+             FROM pg_roles r WHERE r.rolname = %s""", (role_mark(branch), branch, role)).fetchone()
+    if row is None:
+        return False
+    ours, powerful = row
+    if not ours or powerful:
+        raise ConfigError(f"role {role} already exists and is not a login that add-branch created for this "
+                          "branch; replicator never adopts an existing role: drop or rename that role, or "
+                          "choose another branch name", None, None, "BRANCH", branch)
+    return True
+
+
+def _protect(conn: psycopg.Connection, role: str) -> list[str]:
+    """Session limits for the branch login (README, Security); one it may not set is a warning."""
+    warnings = []
+    for name, value in ROLE_SETTINGS.items():
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                    sql.Identifier(role), sql.Identifier(name), sql.Literal(value)))
+        except psycopg.errors.InsufficientPrivilege:
+            warnings.append(f"could not set {name} = {value} for role {role} (needs a superuser); "
+                            f"set it with: ALTER ROLE {role} SET {name} = '{value}'")
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
+@dataclass
+class Deactivation:
+    branch: str
+    role: str
+    sessions_ended: int | None    # None: not allowed to end them
+
+
+def deactivate(conn: psycopg.Connection, branch: str) -> Deactivation:
+    """Stop a branch from holding HQ's log: prune no longer waits for it, its login cannot
+    connect, and its open sessions are ended.  `hq add-branch` with its name brings it back
+    (it then needs `replicator init --force` if the log was pruned past it)."""
+    db.require_version(conn, "hq", "HQ")
+    with conn.transaction():
+        row = conn.execute("UPDATE replication.branches SET active = false WHERE name = %s RETURNING role",
+                           (branch,)).fetchone()
+        if row is None:
+            raise ConfigError("no such branch is registered on HQ; `replicator hq status` lists them",
+                              None, None, "BRANCH", branch)
+        role = row[0]
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+            conn.execute("SELECT replication.build_access()")     # no catalog memberships left
+    try:
+        ended = conn.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                             "WHERE usename = %s AND pid <> pg_backend_pid()", (role,)).fetchone()[0]
+    except psycopg.errors.InsufficientPrivilege:
+        ended = None
+    log.info("branch %s deactivated (role %s can no longer log in)", branch, role)
+    return Deactivation(branch, role, ended)
 
 
 def _verifier(conn: psycopg.Connection, role: str, password: str) -> str:
@@ -138,7 +243,9 @@ def branch_yaml(cfg: HQConfig, branch: str, role: str, params: dict | None = Non
             + (f"# HQ sends this branch only its own rows of filtered catalogs ({rows})\n" if rows else "")
             + f"source:\n"
             f"  # HQ; the password is not written here: use ~/.pgpass, PGPASSWORD or ${{VAR}}\n"
-            f"  dsn: {json.dumps(dsn, ensure_ascii=False)}\n"
+            + (f"  # TLS with verification: add sslrootcert=<HQ's CA file on this branch> to the DSN\n"
+               if "sslmode=verify" in dsn else "")
+            + f"  dsn: {json.dumps(dsn, ensure_ascii=False)}\n"
             f"target:\n"
             f"  dsn: \"postgresql:///pos\"   # this branch's own database\n"
             f"# Catalogs to keep updated. Omitted: HQ's defaults ({defaults}).\n"
@@ -146,10 +253,19 @@ def branch_yaml(cfg: HQConfig, branch: str, role: str, params: dict | None = Non
             f"# catalogs: [items, stock]\n")
 
 
+# What a branch's connection may copy from the admin's: where HQ is and how to reach it.
+# Never credentials or the admin's files (password, passfile, sslkey, sslcert, sslpassword,
+# sslrootcert and CRL paths are the admin's; the branch brings its own), nor a service name.
+_BRANCH_DSN_KEYS = ("host", "hostaddr", "port", "dbname", "sslmode", "gssencmode", "channel_binding",
+                    "target_session_attrs", "load_balance_hosts", "connect_timeout", "keepalives",
+                    "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+                    "ssl_min_protocol_version", "require_auth")
+
+
 def _branch_dsn(hq_dsn: str, role: str) -> str:
     """HQ's address for the branch's login: same host, port, database and TLS settings,
     without the admin's user and password, every part URL-quoted."""
-    d = {k: v for k, v in conninfo_to_dict(hq_dsn).items() if k not in ("password", "user", "passfile")}
+    d = {k: v for k, v in conninfo_to_dict(hq_dsn).items() if k in _BRANCH_DSN_KEYS}
     host = d.pop("host", None) or "localhost"
     port = d.pop("port", None)
     dbname = d.pop("dbname", None) or "postgres"

@@ -92,7 +92,7 @@ def initialize(cfg: BranchConfig, named: list[str] | None = None, include_custom
     branch = db.connect(cfg.target_dsn, "branch", autocommit=True, application=f"replicator init {cfg.branch}")
     try:
         db.require_version(hq, "hq", "HQ")
-        offered = offered_catalogs(hq)
+        offered = offered_catalogs(hq, cfg.branch)
         names = choose(cfg, offered, named or [], include_customers)
         params = branch_params(hq, cfg.branch, cfg)
         tables = source_tables(hq, names)

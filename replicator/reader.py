@@ -20,6 +20,7 @@ from typing import Iterator
 import psycopg
 from psycopg import sql
 
+from .errors import ReplicatorError
 from .schema import Table
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,16 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
         return render(flt, self.params, jsonb_column(row_expr, t.hq_columns))
 
     # ------------------------------------------------------------- read
+    def probe(self, conn: psycopg.Connection, prev: str) -> tuple[str, bool]:
+        """HQ's current snapshot, and whether the log may hold changes of our tables since `prev`.
+
+        This is what an idle branch costs HQ on every poll, so it is one statement of
+        index probes on change_log_xid (the window's range, then its late committers),
+        with no cursor, no transaction block and no filter.  False means the window is
+        surely empty; True only that it is worth reading.
+        """
+        return conn.execute(_PROBE, {"prev": prev, "tables": list(self.tables)}).fetchone()
+
     def late_xids(self, conn: psycopg.Connection, prev: str, cur: str) -> list[str]:
         """Transactions in progress at `prev` that have committed by `cur`."""
         return self._late_and_arrays(conn, prev, cur)[0]
@@ -170,21 +181,30 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
         query = self.query if arrays else self.plain_query
         if log.isEnabledFor(logging.DEBUG):
             log.debug("window query: %s", query.as_string(conn))
-        with conn.transaction():
-            # Binary results: records arrive as raw bytes, not hex text twice their size
-            # (no hex encoding on HQ, no decoding here); ids and times as fixed-width fields.
-            with conn.cursor(name="replicator_window", binary=True) as cur_:
-                cur_.itersize = self.chunk_rows
-                cur_.execute(query, params)
-                if arrays:
-                    yield from _whole_log_rows(cur_, self.chunk_rows)
-                    return
-                while True:   # one change per log row: any chunk ends with a whole one
-                    rows = cur_.fetchmany(self.chunk_rows)
-                    if rows:
-                        yield rows
-                    if len(rows) < self.chunk_rows:
-                        break
+        try:
+            with conn.transaction():
+                # Binary results: records arrive as raw bytes, not hex text twice their size
+                # (no hex encoding on HQ, no decoding here); ids and times as fixed-width fields.
+                with conn.cursor(name="replicator_window", binary=True) as cur_:
+                    cur_.itersize = self.chunk_rows
+                    cur_.execute(query, params)
+                    if arrays:
+                        yield from _whole_log_rows(cur_, self.chunk_rows)
+                        return
+                    while True:   # one change per log row: any chunk ends with a whole one
+                        rows = cur_.fetchmany(self.chunk_rows)
+                        if rows:
+                            yield rows
+                        if len(rows) < self.chunk_rows:
+                            break
+        except psycopg.DataError as e:
+            filtered = [f"{t.qualified} ({t.filter})" for t in self.tables.values() if t.filter]
+            if not filtered:
+                raise
+            raise ReplicatorError(
+                f"reading the change log on HQ failed: {e.diag.message_primary}; a row filter HQ defines "
+                f"cannot be evaluated on HQ's rows: {', '.join(filtered)}; fix it in hq.yaml and run "
+                "`replicator hq install` (nothing was applied)") from e
 
 
 def _whole_log_rows(cursor, size: int) -> Iterator[list[tuple]]:
@@ -219,6 +239,18 @@ def _whole_log_rows(cursor, size: int) -> Iterator[list[tuple]]:
             fetch(_TAIL_FETCH)
         chunk, rows = rows[:cut], rows[cut:]
         yield chunk
+
+
+_PROBE = """
+SELECT s.cur::text,
+       EXISTS (SELECT FROM replication.change_log l
+                WHERE l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot) AND l.xid < pg_snapshot_xmax(s.cur)
+                  AND pg_visible_in_snapshot(l.xid, s.cur) AND l.table_id = ANY (%(tables)s::int[]))
+       OR EXISTS (SELECT FROM pg_snapshot_xip(%(prev)s::pg_snapshot) x
+                   WHERE pg_visible_in_snapshot(x, s.cur)
+                     AND EXISTS (SELECT FROM replication.change_log l
+                                  WHERE l.xid = x AND l.table_id = ANY (%(tables)s::int[])))
+  FROM (SELECT pg_current_snapshot() AS cur) s"""
 
 
 # Rows fetched at a time while completing a chunk's last log row.

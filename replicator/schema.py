@@ -21,6 +21,7 @@ class Catalog:
     name: str
     label: str
     default: bool
+    granted: bool = True      # HQ lets this branch read it (hq add-branch --catalogs)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Table:
     identity_always: bool = False
     hq_builtin_types: bool = False    # every HQ column has a built-in type (same OID everywhere)
     record_type: int | None = None    # branch row type OID when changes travel as binary records
+    capture_since: str | None = None  # xid at which HQ (re)started capturing it (migration 006)
 
     @property
     def qualified(self) -> str:
@@ -63,20 +65,39 @@ def columns_of(conn: psycopg.Connection, schema: str, name: str) -> list[tuple]:
     return conn.execute(_COLUMNS_SQL, (schema, name)).fetchall()
 
 
-def offered_catalogs(hq: psycopg.Connection) -> dict[str, Catalog]:
+def offered_catalogs(hq: psycopg.Connection, branch: str | None = None) -> dict[str, Catalog]:
+    """HQ's catalogs, each marked with whether HQ grants it to `branch`."""
     rows = hq.execute("SELECT name, label, is_default FROM replication.catalogs ORDER BY name").fetchall()
-    return {r[0]: Catalog(*r) for r in rows}
+    granted = None
+    if branch is not None:
+        row = hq.execute("SELECT replication.granted_catalogs(%s)", (branch,)).fetchone()
+        granted = row[0] if row else None
+    return {r[0]: Catalog(*r, granted=granted is None or r[0] in granted) for r in rows}
+
+
+def _not_granted(names: list[str], offered: dict[str, Catalog], where: str | None, line: int | None,
+                 field: str | None) -> ConfigError | None:
+    refused = [c for c in names if c in offered and not offered[c].granted]
+    if not refused:
+        return None
+    granted = [c for c, cat in offered.items() if cat.granted]
+    return ConfigError(f"catalog {', '.join(refused)} is not granted to this branch by HQ (it grants "
+                       f"{', '.join(granted) or 'none'}); remove it here, or ask HQ's admin to grant it with "
+                       "`replicator hq add-branch ... --catalogs`", where, line, field)
 
 
 def select_catalogs(cfg: BranchConfig, offered: dict[str, Catalog]) -> list[str]:
     """branch.yaml's list, or HQ's defaults when it names none."""
     if cfg.catalogs is None:
-        return [c.name for c in offered.values() if c.default]
+        return [c.name for c in offered.values() if c.default and c.granted]
     unknown = [c for c in cfg.catalogs if c not in offered]
     if unknown:
         raise UnknownCatalog(f"unknown catalog {', '.join(unknown)} (HQ does not define it); HQ offers: "
                              f"{', '.join(offered) or '(none: run replicator hq install)'}",
                              cfg.path, cfg.lines.get("catalogs"), "catalogs")
+    refused = _not_granted(cfg.catalogs, offered, cfg.path, cfg.lines.get("catalogs"), "catalogs")
+    if refused:
+        raise refused
     return list(cfg.catalogs)
 
 
@@ -85,15 +106,18 @@ def check_names(names: list[str], offered: dict[str, Catalog], where: str) -> No
     if unknown:
         raise UnknownCatalog(f"unknown catalog {', '.join(unknown)}; HQ offers: {', '.join(offered)}",
                              where, None, None)
+    refused = _not_granted(names, offered, where, None, None)
+    if refused:
+        raise refused
 
 
 def source_tables(hq: psycopg.Connection, catalogs: list[str]) -> list[Table]:
     """The HQ tables of the given catalogs with their HQ column types."""
     rows = hq.execute(
-        """SELECT id, catalog, schema_name, table_name, key_columns, filter, exclude_columns
+        """SELECT id, catalog, schema_name, table_name, key_columns, filter, exclude_columns, capture_since::text
              FROM replication.tables WHERE active AND catalog = ANY(%s) ORDER BY id""",
         (catalogs,)).fetchall()
-    tables = [Table(*r) for r in rows]
+    tables = [Table(*r[:7], capture_since=r[7]) for r in rows]
     for t in tables:
         cols = columns_of(hq, t.schema, t.name)
         if not cols:
@@ -103,6 +127,30 @@ def source_tables(hq: psycopg.Connection, catalogs: list[str]) -> list[Table]:
         t.hq_generated = {c[0] for c in cols if c[5]}
         t.hq_builtin_types = _builtin_types(hq, t)
     return tables
+
+
+def capture_gaps(hq: psycopg.Connection, tables: list[Table], states: dict) -> list[Table]:
+    """Tables whose capture on HQ (re)started after this branch copied them.
+
+    Changes made on HQ while a table's capture was off (`hq install --detach`, then
+    the table listed again) never reached the branch; only a new copy brings them.
+    """
+    pairs = [(t, states[t.qualified].copy_snapshot) for t in tables
+             if t.capture_since and t.qualified in states and states[t.qualified].copy_snapshot]
+    if not pairs:
+        return []
+    seen = hq.execute("SELECT array_agg(pg_visible_in_snapshot(x::xid8, s::pg_snapshot) ORDER BY n) "
+                      "FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY u(x, s, n)",
+                      ([t.capture_since for t, _ in pairs], [snap for _, snap in pairs])).fetchone()[0]
+    return [t for (t, _), ok in zip(pairs, seen) if not ok]
+
+
+def capture_gap_error(gaps: list[Table]) -> ReplicatorError:
+    names = sorted({t.catalog for t in gaps})
+    return ReplicatorError(
+        f"capture of {', '.join(t.qualified for t in gaps)} (catalog {', '.join(names)}) was off on HQ for a "
+        f"while after this branch copied it, so changes made then never reached this branch; run "
+        f"`replicator init --force {' '.join(names)}`")
 
 
 _BUILTIN_SQL = """

@@ -14,7 +14,7 @@ from psycopg import sql
 from . import db, state
 from .config import BranchConfig
 from .reader import LogReader, current_snapshot
-from .schema import branch_params, offered_catalogs, select_catalogs, source_tables
+from .schema import branch_params, capture_gaps, offered_catalogs, select_catalogs, source_tables
 
 
 @dataclass
@@ -24,11 +24,14 @@ class CatalogStatus:
     tables: list[str]
     initialized: datetime | None     # oldest table initialization, None if any table never copied
     behind: int                      # changes committed on HQ not yet applied
+    gap: bool = False                # HQ's capture was off after the copy: changes were missed
 
     @property
     def state(self) -> str:
         if self.initialized is None:
             return "not initialized"
+        if self.gap:
+            return f"needs re-initialization: capture on HQ was off for a while (replicator init --force {self.name})"
         return "up to date" if self.behind == 0 else f"behind by {self.behind} changes"
 
 
@@ -48,19 +51,20 @@ def branch_status(cfg: BranchConfig) -> BranchStatus:
     branch = db.connect(cfg.target_dsn, "branch", autocommit=True, application="replicator status")
     try:
         db.require_version(hq, "hq", "HQ")
-        offered = offered_catalogs(hq)
+        offered = offered_catalogs(hq, cfg.branch)
         names = select_catalogs(cfg, offered)
         tables = source_tables(hq, names)
         pos = state.load_position(branch)
         states = state.table_states(branch)
         behind = _behind(hq, tables, branch_params(hq, cfg.branch), pos, states) if pos else {}
+        gaps = {t.catalog for t in capture_gaps(hq, tables, states)}
         out = []
         for name in names:
             ts = [t for t in tables if t.catalog == name]
             inits = [states[t.qualified].initialized_at if t.qualified in states else None for t in ts]
             init = None if any(i is None for i in inits) or pos is None else min(inits)
             out.append(CatalogStatus(name, offered[name].label, [t.qualified for t in ts], init,
-                                     sum(behind.get(t.id, 0) for t in ts)))
+                                     sum(behind.get(t.id, 0) for t in ts), name in gaps))
         return BranchStatus(cfg.branch, pos, out)
     finally:
         hq.close()

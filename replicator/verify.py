@@ -267,7 +267,7 @@ class _Context:
         if state.load_position(self.branch) is None:
             raise NotInitialized(f"branch {self.cfg.branch} has no position yet; run `replicator init -c "
                                  f"{self.cfg.path}` first")
-        names = _choose(self.cfg, offered_catalogs(self.hq), self.named)
+        names = _choose(self.cfg, offered_catalogs(self.hq, self.cfg.branch), self.named)
         self.params = branch_params(self.hq, self.cfg.branch, self.cfg)
         self.all_tables = source_tables(self.hq, names)
         states = state.table_states(self.branch)
@@ -277,17 +277,27 @@ class _Context:
         for conn in (self.hq, self.branch):
             for stmt in SESSION:
                 conn.execute(stmt)
-        probe = [c.execute("SELECT hashtextextended(%s, 0)", (PROBE,)).fetchone()[0] for c in (self.hq, self.branch)]
-        self.fast_hash = HASH == "auto" and probe[0] == probe[1]
+        encodings = {c.execute("SHOW server_encoding").fetchone()[0] for c in (self.hq, self.branch)}
+        # Servers in different encodings hold the same text as different bytes: hash its UTF-8 form
+        # (and the probe's characters may not exist in the branch's encoding).
+        self.as_utf8 = len(encodings) > 1
+        probe = [None] if self.as_utf8 else [
+            c.execute("SELECT hashtextextended(%s, 0)", (PROBE,)).fetchone()[0] for c in (self.hq, self.branch)]
+        self.fast_hash = HASH == "auto" and not self.as_utf8 and probe[0] == probe[1]
         if not self.fast_hash:
-            log.info("HQ and branch hash text differently (byte order); using md5")
+            log.info("HQ and branch hash text differently (byte order or encoding); using md5")
 
     # ---------------------------------------------------------- SQL pieces
     def _hash(self, text: sql.Composable, seed: int) -> sql.Composable:
         if self.fast_hash:
             return sql.SQL("pg_catalog.hashtextextended({}, {})").format(text, sql.Literal(seed))
-        return sql.SQL("('x' || pg_catalog.substr(pg_catalog.md5({} || {}), 1, 16))::bit(64)::bigint").format(
-            sql.Literal(str(seed)), text)
+        if self.as_utf8:
+            text = sql.SQL("pg_catalog.convert_to({}, 'UTF8')").format(text)
+            seeded = sql.SQL("({} OPERATOR(pg_catalog.||) {})").format(
+                sql.SQL("pg_catalog.convert_to({}, 'UTF8')").format(sql.Literal(str(seed))), text)
+        else:
+            seeded = sql.SQL("({} || {})").format(sql.Literal(str(seed)), text)
+        return sql.SQL("('x' || pg_catalog.substr(pg_catalog.md5({}), 1, 16))::bit(64)::bigint").format(seeded)
 
     @staticmethod
     def _row_text(cols: list[str]) -> sql.Composable:

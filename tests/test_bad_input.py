@@ -16,6 +16,7 @@ ahead despite the problem would visibly change the branch.  Each case checks:
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,10 +213,85 @@ def test_wrong_type(world: World):
     assert_rejected(world, before, r, 2, f"{path}:4: batch_rows: expected a whole number (got 'many')")
     path = world.config("wrong_duration", extra="poll_interval: soon\n")
     r = run_cli("run", "--once", config=path)
-    assert_rejected(world, before, r, 2, f"{path}:4: poll_interval:", "7d, 12h, 30m or 45s", "'soon'")
+    assert_rejected(world, before, r, 2, f"{path}:4: poll_interval:", "7d, 12h, 30m, 45s or 250ms", "'soon'")
     path = world.config("wrong_list", extra="catalogs: items\n")
     r = run_cli("init", config=path)
     assert_rejected(world, before, r, 2, f"{path}:4: catalogs: expected a list (got 'items')")
+
+
+def _hostile_configs(w: World) -> dict[str, tuple[bytes, list[str]]]:
+    head = w.config("head").read_bytes()
+    laughs = "lol0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"lol{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]\n"
+        for i in range(1, 12))
+    return {
+        # an alias bomb inside a setting's value: refused at its first alias
+        "alias_bomb": (head + b"catalogs:\n  " + laughs.replace("\n", "\n  ").encode() + b"x: 1\n",
+                       [":6: YAML aliases (*name) are not supported here"]),
+        "latin1_bytes": (head + "poll_interval: 1s  # café\n".encode("latin-1"),
+                         [":4: not UTF-8 text (byte 0xe9); save the file as UTF-8"]),
+        "huge": (head + b"# " + b"x" * 10_000_000 + b"\n",
+                 ["file is larger than 1 MB; a configuration is a few kilobytes"]),
+        "deep": (head + b"catalogs: " + b"[" * 50_000 + b"]" * 50_000 + b"\n", [": values are nested too deeply"]),
+        "overflow": (head + b"poll_interval: 99999999999999999999d\n",
+                     [":4: poll_interval: not a duration like 7d"]),
+        "too_long": (head + b"poll_interval: 100000000d\n",
+                     [":4: poll_interval: must be between 10ms and 1h (got '100000000d')"]),
+        "zero_poll": (head + b"poll_interval: 0\n", [":4: poll_interval: must be between 10ms and 1h (got 0)"]),
+        "negative": (head + b"poll_interval: -1s\n", [":4: poll_interval: not a duration like"]),
+        "bool_poll": (head + b"poll_interval: yes\n", [":4: poll_interval: expected a number or duration"]),
+        "branch_newline": (head.replace(f"branch: {w.branch.name}\n".encode(),
+                                        f'branch: "{w.branch.name}\\n"\n'.encode()),
+                           [":1: branch: use letters, digits"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["alias_bomb", "latin1_bytes", "huge", "deep", "overflow", "too_long", "zero_poll",
+                                  "negative", "bool_poll", "branch_newline"])
+@pytest.mark.timeout(60)
+def test_hostile_config_is_one_line_in_bounded_time(world: World, case: str):
+    """Every class of hostile file: one line, exit 2, in seconds and without swelling."""
+    text, parts = _hostile_configs(world)[case]
+    path = world.setup.dir / f"hostile_{case}.yaml"
+    path.write_bytes(text)
+    before = world.snapshot()
+    for cmd in (("check",), ("run", "--once")):
+        started = time.monotonic()
+        r = run_cli(*cmd, config=path)
+        assert time.monotonic() - started < 15, "took too long"
+        assert_rejected(world, before, r, 2, f"error: {path}", *parts)
+
+
+# Each way a DSN can be mistyped with the password in it; libpq's own messages quote
+# the offending token, which would be (part of) the password.
+SECRET = "Qx7-s3cretPW"
+LEAKY_DSNS = {
+    "bad_percent": f"postgresql://postgres:{SECRET}%zz@127.0.0.1:{{port}}/db",
+    "at_in_password": f"postgresql://postgres:{SECRET[:5]}@{SECRET[5:]}@127.0.0.1:{{port}}/db",
+    "keyword_missing_equals": f"host=127.0.0.1 port={{port}} password {SECRET} dbname=db",
+    "unterminated_quote": f"host=127.0.0.1 port={{port}} password='{SECRET} dbname=db",
+    "password_as_keyword": f"host=127.0.0.1 port={{port}} {SECRET}=x",
+    "query_password": f"postgresql://postgres@127.0.0.1:{{port}}/db?password={SECRET}&bogus=1",
+    "sslpassword": f"host=127.0.0.1 port={{port}} dbname=db sslpassword={SECRET} sslmode=require",
+    "bad_ipv6": f"postgresql://postgres:{SECRET}@[::1/db",
+}
+
+
+@pytest.mark.parametrize("case", list(LEAKY_DSNS))
+def test_a_mistyped_dsn_never_shows_its_password(world: World, case: str):
+    port = closed_port()
+    dsn = LEAKY_DSNS[case].format(port=port)
+    before = world.snapshot()
+    for side in ("source", "target"):
+        path = world.config(f"leak_{case}_{side}", **{side: dsn.replace("'", "''")})
+        for cmd in (("check",), ("run", "--once"), ("status",)):
+            r = run_cli(*cmd, config=path, verbose=True)
+            out = r.stdout + r.stderr
+            assert "Traceback" not in out, out
+            for piece in (SECRET, SECRET[:5], SECRET[5:], SECRET[2:9]):
+                assert piece not in out, f"{piece!r} leaked by {cmd} with {case}: {out}"
+            assert r.returncode in (1, 2), out
+            assert "cannot connect to " in r.stderr, out
 
 
 def test_wrong_type_never_echoes_a_password(world: World):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from replicator.errors import ConfigError
-from tests.harness import assert_same, make_setup
+import yaml
+
+from tests.harness import Branch, Setup, assert_same, make_setup
 
 SCHEMA = """
 CREATE TABLE items (id int PRIMARY KEY, name text, doc json, price float8, tags text[]);
@@ -73,38 +75,51 @@ def test_unusual_writer_settings_do_not_change_values(tmp_path, hq, branch_a):
     assert branch_a.scalar("SELECT price = 0.1::float8 + 0.2::float8 FROM items") is True
 
 
-def test_upgrade_from_migration_001_regenerates_capture_with_the_notify_setting(tmp_path, hq, branch_a,
-                                                                               monkeypatch):
-    """An HQ installed before migrations 002-005: a newer branch refuses it with one line and
-    touches nothing; `hq install` applies them and rebuilds every capture."""
+def _install_release_at(hq, version: int) -> None:
+    """HQ as a release that shipped migrations up to `version` left it: those migrations and
+    that release's registry calls (retire_others took two arguments before migration 006)."""
     from replicator import db
-    every = db.migrations("hq")
-    monkeypatch.setattr(db, "migrations", lambda kind: [m for m in every if m[0] == 1])
-    s = make_setup(tmp_path, hq, CATALOGS, SCHEMA, [branch_a])
-    a = s.add_branch("a", branch_a)
-    assert "replicator.notify" not in _capture_source(hq) and "n.* IS NULL" in _capture_source(hq)
-    monkeypatch.setattr(db, "migrations", lambda kind: every)
+    for v, name, text in db.migrations("hq"):
+        if v <= version:
+            hq.execute(text)
+            hq.execute("INSERT INTO replication.versions (version, name) VALUES (%s, %s)", (v, name))
+    hq.execute("SELECT replication.define_catalog('items', 'Items', true)")
+    hq.execute("SELECT replication.attach_table('items', 'public', 'items', NULL, '{}'::text[])")
+    hq.execute("SELECT replication.retire_others('{items}'::text[], '{public.items}'::text[])")
+
+
+def test_upgrade_from_migration_001_regenerates_capture_without_notify(tmp_path, hq, branch_a):
+    """An HQ installed before migrations 002-006: a newer branch refuses it with one line and
+    touches nothing; `hq install` applies them and rebuilds every capture."""
+    hq.execute(SCHEMA)
+    branch_a.execute(SCHEMA)
+    _install_release_at(hq, 1)
+    hq_path = tmp_path / "hq.yaml"
+    hq_path.write_text(yaml.safe_dump({"dsn": hq.dsn, "catalogs": CATALOGS}))
+    s = Setup(hq, tmp_path, hq_path)
+    assert "pg_notify" in _capture_source(hq) and "n.* IS NULL" in _capture_source(hq)
     branch_a.execute("INSERT INTO items (id, name) VALUES (7, 'local')")
+    doc = {"branch": "a", "source": {"dsn": hq.dsn}, "target": {"dsn": branch_a.dsn}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(doc))
+    a = Branch("a", branch_a, tmp_path / "a.yaml")
     r = a.cli("init")
-    assert r.returncode == 1 and r.stderr == ("error: HQ replication schema is out of date (missing migrations [2, 3, 4, 5]); "
-                                              "run `replicator hq install -c hq.yaml`\n"), r.stderr
+    assert r.returncode == 1 and r.stderr == ("error: HQ replication schema is out of date (missing migrations "
+                                              "[2, 3, 4, 5, 6]); run `replicator hq install -c hq.yaml`\n"), r.stderr
     assert branch_a.execute("SELECT id, name FROM items") == [(7, "local")]
     assert branch_a.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'replicat%'") == 0
     report = s.install()
-    assert report.migrations == ["002_notify_setting", "003_lean_capture", "004_stable_plans", "005_bulk_chunks"]
+    assert report.migrations == ["002_notify_setting", "003_lean_capture", "004_stable_plans", "005_bulk_chunks",
+                                 "006_hq_first"]
     assert report.attached == ["public.items"]
     source = _capture_source(hq)
-    assert "replicator.notify" in source and "n.* IS NULL" not in source and "enable_mergejoin" in source
+    assert "notify" not in source and "n.* IS NULL" not in source and "enable_mergejoin" in source
     assert "array_agg" in source and hq.scalar(
         "SELECT count(*) FROM pg_trigger WHERE tgname = 'replicator_key_change' AND tgrelid = 'items'::regclass") == 1
     with hq.connect() as listener, hq.connect() as writer:
         listener.execute("LISTEN replicator")
-        writer.execute("SET replicator.notify = off")
         writer.execute("INSERT INTO items (id) VALUES (1)")
-        assert list(listener.notifies(timeout=0.5)) == []
-        writer.execute("RESET replicator.notify")
         writer.execute("INSERT INTO items (id) VALUES (2)")
-        assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
+        assert list(listener.notifies(timeout=0.5)) == []
     assert hq.scalar("SELECT count(*) FROM replication.change_log") == 2
 
 

@@ -418,7 +418,9 @@ def test_catalog_that_hq_stopped_defining_is_reported(pos, branch_a, tmp_path):
     del doc["catalogs"]["kits"]
     trimmed = tmp_path / "hq-without-kits.yaml"
     trimmed.write_text(yaml.safe_dump(doc, allow_unicode=True))
-    r = pos.hq_cli("install", config_path=trimmed)
+    r = pos.hq_cli("install", config_path=trimmed)          # branches are registered: refused ...
+    assert r.returncode == 2 and "no longer lists public.kits (catalog kits)" in r.stderr, r.stdout + r.stderr
+    r = pos.hq_cli("install", "--detach", config_path=trimmed)            # ... unless on purpose
     assert r.returncode == 0 and "capture removed: public.kits" in r.stdout, r.stdout + r.stderr
 
     r = b.cli("run", "--once")

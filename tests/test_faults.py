@@ -145,7 +145,7 @@ def test_connection_cut_mid_window_refused_and_stalled_during_catch_up(kit, hq, 
     wait_until(lambda: not proxy.armed, 30, "the window to start", d)
     wait_until(lambda: position(branch_a).window_last_id > 0, 10, "a chunk applied", d)
     assert position(branch_a).window_snapshot is not None
-    assert proxy.cut() >= 2                  # mid-window: replicator connections reset
+    assert proxy.cut() >= 1                  # mid-window: the replicator's HQ connection reset
     proxy.resume()
     writer = kit.writer(hq.dsn, seed=1, rate=60)
     wait_until(lambda: d.count("reconnected") >= 1, 30, "reconnect after the cut", d)

@@ -361,7 +361,7 @@ def test_unselected_catalog_never_reaches_the_branch(env):
 
     # the reader filters on HQ: not one row of the unselected table crosses the network
     session = Session(env.branch.cfg)
-    session.open(listen=False)
+    session.open()
     try:
         pos = state.load_position(session.branch)
         cur = current_snapshot(session.hq)
