@@ -223,10 +223,12 @@ class Session:
         """
         since = self.probed if self.probed_from == pos.snapshot else pos.snapshot
         cur, news = self.reader.probe(self.hq, since)
-        if cur == since:
-            return None, False
         if not news:
             self.probed, self.probed_from = cur, pos.snapshot
+        if cur == pos.snapshot:
+            return None, False
+        # cur == since after earlier empty probes still returns cur: once HQ goes quiet, the
+        # span those probes covered must reach the position, or it would stay short for ever.
         return cur, news
 
     def _advance(self, pos: state.Position, cur: str) -> None:

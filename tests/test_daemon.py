@@ -19,7 +19,9 @@ from psycopg import sql
 
 from harness import Branch, assert_same, make_setup
 from replicator.cluster import Cluster, Database
+from replicator.daemon import IDLE_ADVANCE
 from replicator.hq import role_name
+from replicator.reader import covers
 
 SCHEMA = """
 CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, price numeric(12,2));
@@ -169,6 +171,25 @@ def test_idle_polls_leave_the_branch_position_alone_and_sigint_exits_0(hq, branc
     assert d.proc.returncode == 0, d.log
     assert "received SIGINT" in d.log and "Traceback" not in d.log
     assert_same(hq, branch_a, "items")
+
+
+def test_position_reaches_hq_once_hq_goes_quiet(hq, branch_a, world):
+    """The last HQ commit may be one the branch does not receive, probed inside the few
+    seconds between position moves; with nothing after it the position must still get there
+    (`status` and every wait on "caught up" compare it with HQ's snapshot)."""
+    b = world(hq, branch_a, poll_interval="50ms")
+    hq.execute("CREATE TABLE IF NOT EXISTS other (i int)")
+    with daemon(b) as d:
+        d.wait_for("replicating 1 tables")
+        hq.execute("INSERT INTO items VALUES (301, 'last captured', 3)")
+        wait_until(lambda: has_item(branch_a, 301), 3.0, "the captured change")
+        hq.execute("INSERT INTO other VALUES (1)")     # HQ's last commit: nothing for us
+        target = hq.scalar("SELECT pg_current_snapshot()::text")
+        with hq.connect() as conn:
+            wait_until(lambda: covers(conn, position(branch_a)["snapshot"], target),
+                       IDLE_ADVANCE + 3, "the position to cover HQ's snapshot")
+        assert d.signal() < 5
+    assert d.proc.returncode == 0, d.log
 
 
 # ------------------------------------------------------------ one run per branch
