@@ -68,7 +68,7 @@ from .schema import source_tables
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("catchup", "init", "capture", "latency", "fanout")
+BENCHMARKS = ("catchup", "init", "capture", "latency", "fanout", "restrict")
 
 # Same settings for every cluster, so ours and the baselines see the same server.
 # A large max_wal_size keeps checkpoints out of the timed parts of 1M-row runs.  The
@@ -113,6 +113,8 @@ class Sizes:
     fanout_rows_per_txn: int
     log_small: int
     log_big: int
+    restrict_items: int = 20_000   # items per store of the filtered table (20 stores)
+    restrict_txns: int = 1000      # catch-up transactions, each updating 10 items in every store
 
 
 FULL = Sizes(catchup_txns=1000, init_rows=1_000_000, capture_rows=1_000_000, pgbench_seconds=20,
@@ -120,7 +122,8 @@ FULL = Sizes(catchup_txns=1000, init_rows=1_000_000, capture_rows=1_000_000, pgb
              fanout_rate=500, fanout_rows_per_txn=5, log_small=1_000, log_big=10_000_000)
 QUICK = Sizes(catchup_txns=10, init_rows=20_000, capture_rows=20_000, pgbench_seconds=3,
               latency_seconds=3, latency_rate=50, fanout_branches=3, fanout_seconds=10,
-              fanout_rate=500, fanout_rows_per_txn=5, log_small=1_000, log_big=100_000)
+              fanout_rate=500, fanout_rows_per_txn=5, log_small=1_000, log_big=100_000,
+              restrict_items=500, restrict_txns=10)
 
 
 # ============================================================== results
@@ -1287,14 +1290,76 @@ def bench_window_poll(env: Env) -> Result:
                   big.ms / small.ms if small.ms else None, note)
 
 
+# ============================================================== row restriction
+
+RESTRICT_SCHEMA = "CREATE TABLE stock (store_id int, item_id int, qty int NOT NULL, PRIMARY KEY (store_id, item_id));"
+RESTRICT_CATALOGS = {"stock": {"label": "Existencias", "default": True, "tables": ["public.stock"],
+                               "filter": "store_id = :store_id"}}
+RESTRICT_STORES = 20
+
+
+def bench_restrict(env: Env) -> list[Result]:
+    """What migration 007's row restriction costs a branch of a filtered catalog: the same
+    init and catch-up of store 1's stock, as store 1's own login (read_rows, the log's
+    policy) and as an unrestricted login (the table, no row-level security at all)."""
+    s = env.sizes
+    hq = env.fresh("hq", "restrict_hq")
+    hq.execute(RESTRICT_SCHEMA)
+    hq.execute("INSERT INTO stock SELECT st, i, 0 FROM generate_series(1, %s) st, generate_series(1, %s) i",
+               (RESTRICT_STORES, s.restrict_items))
+    hq.execute("VACUUM (ANALYZE) stock")
+    hq_yaml = env.workdir / "restrict.hq.yaml"
+    hq_yaml.write_text(yaml.safe_dump({"dsn": hq.dsn, "retention": "7d", "catalogs": RESTRICT_CATALOGS}))
+    cfg = config.load_hq(hq_yaml)
+    with hq.connect() as conn:
+        install(conn, cfg)
+    paths = {}
+    for who in ("own", "unrestricted"):
+        br = env.fresh("branch", f"restrict_{who}")
+        br.execute(RESTRICT_SCHEMA)
+        with hq.connect() as conn:
+            reg = add_branch(conn, cfg, f"restrict-{who}", {"store_id": "1"}, password=BRANCH_PASSWORD)
+        source = hq.cluster.dsn(hq.name, reg.role, BRANCH_PASSWORD) if who == "own" else hq.dsn
+        paths[who] = env.workdir / f"restrict-{who}.branch.yaml"
+        paths[who].write_text(yaml.safe_dump({"branch": f"restrict-{who}", "source": {"dsn": source},
+                                              "target": {"dsn": br.dsn}}))
+    init = {w: [] for w in paths}
+    catchup = {w: [] for w in paths}
+    changes = s.restrict_txns * 10
+    for run in range(env.runs):
+        order = list(paths) if run % 2 == 0 else list(reversed(paths))
+        for who in order:
+            env.checkpoint()
+            done = run_timed(replicator_cmd("-q", "init", "--force", "-c", str(paths[who])), env.workdir,
+                             f"restrict-init-{who}{run}", timeout=3600)
+            init[who].append(s.restrict_items / done.seconds)
+        say("row restriction run %d: %d transactions on HQ, 10 of each one's %d changes for store 1",
+            run, s.restrict_txns, 10 * RESTRICT_STORES)
+        with hq.connect() as conn:
+            for t in range(s.restrict_txns):
+                lo = (t * 10) % s.restrict_items + 1
+                conn.execute("UPDATE stock SET qty = qty + 1 WHERE item_id BETWEEN %s AND %s", (lo, lo + 9))
+        for who in order:
+            env.checkpoint()
+            done = run_timed(replicator_cmd("-q", "run", "--once", "-c", str(paths[who])), env.workdir,
+                             f"restrict-run-{who}{run}", timeout=3600)
+            catchup[who].append(changes / done.seconds)
+    note = (f"store 1 of {RESTRICT_STORES}, {s.restrict_items:,} items each; median of {env.runs}; "
+            "baseline: the same branch through an unrestricted HQ login")
+    return [ratio_result("row restriction", "filtered init, end to end", median(init["own"]),
+                         median(init["unrestricted"]), "rows/s", 0.9, True, note),
+            ratio_result("row restriction", f"filtered catch-up of {changes:,} changes",
+                         median(catchup["own"]), median(catchup["unrestricted"]), "changes/s", 0.9, True, note)]
+
+
 # ============================================================== main
 
 RUNNERS: dict[str, Callable[[Env], list[Result]]] = {
     "catchup": bench_catchup, "init": bench_init, "capture": bench_capture,
-    "latency": bench_latency, "fanout": bench_fanout,
+    "latency": bench_latency, "fanout": bench_fanout, "restrict": bench_restrict,
 }
 TITLES = {"catchup": "catch-up apply", "init": "initial copy", "capture": "capture on HQ",
-          "latency": "latency", "fanout": "fan-out"}
+          "latency": "latency", "fanout": "fan-out", "restrict": "row restriction"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

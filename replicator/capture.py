@@ -8,6 +8,7 @@ printed script needs no connection and a DBA can read every line of it.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -29,10 +30,11 @@ class InstallReport:
     unchanged: list[str]
     retired: list[str]
     filters: list[tuple[str, str | None, str | None]] = ()   # (table, before, after) where it changed
+    restricted: list[str] = ()   # filtered tables whose row restriction for branch logins was (re)built
 
     @property
     def changed(self) -> bool:
-        return bool(self.migrations or self.attached or self.retired or self.filters)
+        return bool(self.migrations or self.attached or self.retired or self.filters or self.restricted)
 
 
 def registry_statements(cfg: HQConfig, detach: bool = False) -> list[sql.Composed]:
@@ -73,6 +75,9 @@ def sql_script(cfg: HQConfig, detach: bool = False) -> str:
     parts.append("\n-- catalogs and capture triggers from " + cfg.path + "\nBEGIN;")
     parts.extend(s.as_string(None) + ";" for s in registry_statements(cfg, detach))
     parts.append("COMMIT;")
+    parts.append("\n-- Row restriction of filtered catalogs (a branch login reads only its own rows, in the\n"
+                 "-- tables and in the log) is rendered from HQ's column types, so it is not part of this\n"
+                 "-- script: run `replicator hq install` after applying it (README, Security).")
     return "\n".join(parts) + "\n"
 
 
@@ -118,6 +123,7 @@ def install(conn: psycopg.Connection, cfg: HQConfig, detach: bool = False) -> In
                 conn.execute(stmt)
         except psycopg.errors.ObjectInUse as e:
             raise ConfigError(f"{e.diag.message_primary}; {e.diag.message_hint}", cfg.path) from None
+        restricted = restrict_rows(conn, cfg)
         after = dict(conn.execute("SELECT format('%s.%s', schema_name, table_name), signature "
                                   "FROM replication.tables WHERE active").fetchall())
         filters_after = dict(conn.execute("SELECT format('%s.%s', schema_name, table_name), filter "
@@ -133,7 +139,97 @@ def install(conn: psycopg.Connection, cfg: HQConfig, detach: bool = False) -> In
         log.info("capture removed from %s", name)
     for name, old, new in filters:
         log.info("row filter of %s changed: %s -> %s", name, old, new)
-    return InstallReport(done, sorted(attached), sorted(unchanged), retired, filters)
+    for name in restricted:
+        log.info("row restriction of %s for branch logins rebuilt", name)
+    return InstallReport(done, sorted(attached), sorted(unchanged), retired, filters, restricted)
+
+
+def restrict_rows(conn: psycopg.Connection, cfg: HQConfig) -> list[str]:
+    """Make a branch login read only its own rows of filtered catalogs (migration 007).
+
+    Rendered here, not in SQL: filters are parsed by sqlglot and need HQ's column types,
+    which is also why `hq sql` cannot print this part.  Types and operators are resolved
+    with search_path = pg_catalog, so the stored predicate and the log's policy mean the
+    same whoever's search_path reads them.  Returns the tables whose restriction changed.
+    """
+    path = conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone()[0]
+    conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
+    arms, changed = [], []
+    for tid, catalog, schema, name, text, exclude, before in conn.execute(
+            "SELECT id, catalog, schema_name, table_name, filter, exclude_columns, row_access "
+            "FROM replication.tables WHERE active ORDER BY id").fetchall():
+        if text is None:
+            if before is not None:
+                conn.execute("UPDATE replication.tables SET row_access = NULL WHERE id = %s", (tid,))
+                changed.append(f"{schema}.{name}")
+            continue
+        on_table, on_log = _render_restriction(conn, cfg, catalog, schema, name, text, exclude)
+        if _restrict_table(conn, tid, catalog, sql.Identifier(schema, name), on_table, before):
+            changed.append(f"{schema}.{name}")
+        arms.append(sql.SQL("WHEN {} THEN {}").format(sql.Literal(tid), on_log))
+    _restrict_log(conn, arms)
+    conn.execute("SELECT pg_catalog.set_config('search_path', %s, true)", (path,))
+    return changed
+
+
+def _render_restriction(conn, cfg: HQConfig, catalog: str, schema: str, name: str, text: str,
+                        exclude: list[str]) -> tuple[sql.Composable, sql.Composable]:
+    """The filter over the table's columns and over a log row's images (the reader's rule:
+    a TRUNCATE, a row that passes, or an update of a row that passed), each parameter the
+    login's own; one that HQ cannot type without its value is refused by name."""
+    from .filters import jsonb_column, render_for_any_branch
+    cols = {c: ty for c, ty in hq_columns(conn, schema, name).items() if c not in exclude}
+    try:
+        flt = parse_filter(f"{schema}.{name}", text, cols)
+        on_table = render_for_any_branch(flt, sql.Identifier)
+        on_log = sql.SQL("(change_log.op OPERATOR(pg_catalog.=) 'T' OR ({}) IS TRUE OR "
+                         "(change_log.op OPERATOR(pg_catalog.=) 'U' AND ({}) IS TRUE))").format(
+            render_for_any_branch(flt, jsonb_column(sql.SQL('change_log."row"'), cols)),
+            render_for_any_branch(flt, jsonb_column(sql.SQL("change_log.old_row"), cols)))
+        with conn.transaction():
+            conn.execute(sql.SQL("SELECT FROM {} WHERE ({}) IS TRUE LIMIT 0").format(
+                sql.Identifier(schema, name), on_table))
+    except (psycopg.Error, ValueError) as e:
+        reason = e.diag.message_primary if isinstance(e, psycopg.Error) else str(e)
+        raise ConfigError(f"catalog {catalog}: the row filter of {schema}.{name} ({text}) cannot be enforced on "
+                          f"HQ for branch logins: {reason}; compare each :parameter with a column or CAST it",
+                          cfg.path) from None
+    return on_table, on_log
+
+
+def _restrict_table(conn, tid: int, catalog: str, table: sql.Identifier, on_table: sql.Composable,
+                    before: str | None) -> bool:
+    """Store the predicate read_rows applies and take the catalog role's grants away;
+    True when either changed (build_access re-grants only tables never restricted)."""
+    after = on_table.as_string(conn)
+    conn.execute("UPDATE replication.tables SET row_access = %s WHERE id = %s", (after, tid))
+    role = conn.execute("SELECT replication.catalog_role(%s)", (catalog,)).fetchone()[0]
+    every = conn.execute("SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute WHERE attrelid = "
+                         "to_regclass(%s) AND attnum > 0 AND NOT attisdropped", (table.as_string(conn),)).fetchone()[0]
+    granted = conn.execute("SELECT has_any_column_privilege(%s, to_regclass(%s), 'SELECT')",
+                           (role, table.as_string(conn))).fetchone()[0]
+    conn.execute(sql.SQL("REVOKE SELECT ON {} FROM {}").format(table, sql.Identifier(role)))
+    conn.execute(sql.SQL("REVOKE SELECT ({}) ON {} FROM {}").format(
+        sql.SQL(", ").join(map(sql.Identifier, every)), table, sql.Identifier(role)))
+    return after != before or granted
+
+
+def _restrict_log(conn, arms: list[sql.Composable]) -> None:
+    """The log's branch_reads policy with every filtered table's arm.  ALTER POLICY locks the
+    log against capture until install commits, so it runs only when the text changed (its
+    digest is the policy's comment)."""
+    rows = sql.SQL("CASE change_log.table_id {} ELSE true END").format(sql.SQL(" ").join(arms)) \
+        if arms else sql.SQL("true")
+    using = sql.SQL("change_log.table_id OPERATOR(pg_catalog.=) ANY ((SELECT replication.granted_tables())"
+                    "::pg_catalog.int4[]) AND {}").format(rows).as_string(conn)
+    digest = hashlib.sha256(using.encode()).hexdigest()
+    current = conn.execute("SELECT obj_description(oid, 'pg_policy') FROM pg_policy WHERE polname = 'branch_reads' "
+                           "AND polrelid = 'replication.change_log'::regclass").fetchone()
+    if current and current[0] == digest:
+        return
+    conn.execute(sql.SQL("ALTER POLICY branch_reads ON replication.change_log USING ({})").format(sql.SQL(using)))
+    conn.execute(sql.SQL("COMMENT ON POLICY branch_reads ON replication.change_log IS {}").format(
+        sql.Literal(digest)))
 
 
 # A filter is evaluated for at most this many distinct parameter sets of registered branches

@@ -116,7 +116,7 @@ def _check_access(hq, tables: list[Table], rep: CheckReport) -> None:
     """Can this login read what a sync reads? (a grant missing on HQ shows here, not mid-copy)"""
     queries = [("the change log", sql.SQL("SELECT FROM replication.change_log LIMIT 0"))]
     queries += [(t.qualified, sql.SQL("SELECT {} FROM {} LIMIT 0").format(
-        sql.SQL(", ").join(map(sql.Identifier, t.columns)), t.ident)) for t in tables]
+        sql.SQL(", ").join(map(sql.Identifier, t.columns)), t.hq_source)) for t in tables]
     for what, q in queries:
         try:
             hq.execute(q)

@@ -154,6 +154,8 @@ def hq_install(config_path: str, detach: bool) -> None:
         click.echo(f"capture removed: {t}")
     for t, old, new in report.filters:
         click.echo(f"row filter changed: {t}: {old or '(none)'} -> {new or '(none)'}")
+    for t in report.restricted:
+        click.echo(f"row restriction for branch logins rebuilt: {t}")
     if not report.changed:
         click.echo(f"capture is up to date ({len(report.unchanged)} tables); nothing changed")
 

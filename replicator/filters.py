@@ -552,7 +552,22 @@ def render(flt: RowFilter, params: Mapping[str, object],
         raise FilterError(flt.table, flt.text,
                           f"no value for parameter {names} (this branch has: {have})")
     values = {name: _param_text(flt, name, params[name]) for name in flt.params}
-    return _Renderer(flt, values, column).node(flt.tree)
+    return _Renderer(flt, lambda name, cast_to: _cast(sql.Literal(values[name]), cast_to), column).node(flt.tree)
+
+
+def render_for_any_branch(flt: RowFilter, column: Callable[[str], sql.Composable]) -> sql.Composable:
+    """The predicate with each parameter looked up on HQ for the session's own branch
+    (migration 007's replication.branch_param), for the row restrictions HQ enforces on
+    every branch login with one definition: a login without the parameter reads no row."""
+    def lookup(name: str, cast_to: str | None) -> sql.Composable:
+        return _cast(sql.SQL("(SELECT replication.branch_param({}))").format(sql.Literal(name)), cast_to)
+    return _Renderer(flt, lookup, column).node(flt.tree)
+
+
+def _cast(value: sql.Composable, cast_to: str | None) -> sql.Composable:
+    if cast_to is None:
+        return value
+    return sql.SQL("CAST({} AS {})").format(value, _sql_type(_without_typmod(cast_to)))
 
 
 def _param_text(flt: RowFilter, name: str, value: object) -> str:
@@ -568,9 +583,9 @@ def _param_text(flt: RowFilter, name: str, value: object) -> str:
 class _Renderer:
     """Turns a validated AST into fully parenthesized SQL."""
 
-    def __init__(self, flt: RowFilter, values: Mapping[str, str],
+    def __init__(self, flt: RowFilter, param: Callable[[str, str | None], sql.Composable],
                  column: Callable[[str], sql.Composable]):
-        self.flt, self.values, self.column = flt, values, column
+        self.flt, self.param, self.column = flt, param, column
 
     def node(self, n: exp.Expression, cast_to: str | None = None) -> sql.Composable:
         kind = type(n)
@@ -655,10 +670,7 @@ class _Renderer:
         return sql.SQL("({} IS " + neg + rhs + ")").format(self.node(n.this))
 
     def placeholder(self, name: str, cast_to: str | None) -> sql.Composable:
-        value = sql.Literal(self.values[name])
-        if cast_to is None:
-            return value
-        return sql.SQL("CAST({} AS {})").format(value, _sql_type(_without_typmod(cast_to)))
+        return self.param(name, cast_to)
 
     def type_of(self, n: exp.Expression) -> str | None:
         """The known PostgreSQL type of a column or CAST; None for anything else."""

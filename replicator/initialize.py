@@ -203,7 +203,7 @@ def select_query(t: Table, params: dict) -> sql.Composed:
         from .filters import parse_filter, render   # sqlglot loads only for filtered tables
         flt = parse_filter(t.qualified, t.filter, t.hq_columns)
         where = sql.SQL(" WHERE ({}) IS TRUE").format(render(flt, params, sql.Identifier))
-    return sql.SQL("SELECT {} FROM {}{}").format(cols, t.ident, where)
+    return sql.SQL("SELECT {} FROM {}{}").format(cols, t.hq_source, where)
 
 
 def copy_query(t: Table, params: dict) -> sql.Composed:

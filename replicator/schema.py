@@ -42,6 +42,7 @@ class Table:
     hq_builtin_types: bool = False    # every HQ column has a built-in type (same OID everywhere)
     record_type: int | None = None    # branch row type OID when changes travel as binary records
     capture_since: str | None = None  # xid at which HQ (re)started capturing it (migration 006)
+    rows_restricted: bool = False     # this login reads its HQ rows through read_rows (migration 007)
 
     @property
     def qualified(self) -> str:
@@ -50,6 +51,15 @@ class Table:
     @property
     def ident(self) -> sql.Identifier:
         return sql.Identifier(self.schema, self.name)
+
+    @property
+    def hq_source(self) -> sql.Composable:
+        """Where this login reads the table's HQ rows: the table itself, or, for a branch
+        login on a filtered catalog, HQ's read_rows(), which passes only its own rows."""
+        if not self.rows_restricted:
+            return self.ident
+        return sql.SQL("replication.read_rows({}, NULL::{}) AS {}").format(
+            sql.Literal(self.id), self.ident, sql.Identifier(self.name))
 
 
 _COLUMNS_SQL = """
@@ -114,10 +124,12 @@ def check_names(names: list[str], offered: dict[str, Catalog], where: str) -> No
 def source_tables(hq: psycopg.Connection, catalogs: list[str]) -> list[Table]:
     """The HQ tables of the given catalogs with their HQ column types."""
     rows = hq.execute(
-        """SELECT id, catalog, schema_name, table_name, key_columns, filter, exclude_columns, capture_since::text
+        """SELECT id, catalog, schema_name, table_name, key_columns, filter, exclude_columns, capture_since::text,
+                  row_access IS NOT NULL AND NOT coalesce(has_any_column_privilege(
+                      to_regclass(format('%%I.%%I', schema_name, table_name)), 'SELECT'), true)
              FROM replication.tables WHERE active AND catalog = ANY(%s) ORDER BY id""",
         (catalogs,)).fetchall()
-    tables = [Table(*r[:7], capture_since=r[7]) for r in rows]
+    tables = [Table(*r[:7], capture_since=r[7], rows_restricted=r[8]) for r in rows]
     for t in tables:
         cols = columns_of(hq, t.schema, t.name)
         if not cols:

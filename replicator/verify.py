@@ -316,6 +316,10 @@ class _Context:
         return sql.SQL("pg_catalog.jsonb_build_object({})::text").format(
             sql.SQL(", ").join(sql.SQL("{}, {}").format(sql.Literal(k), column(k)) for k in t.key_columns))
 
+    @staticmethod
+    def source(t: Table, side: str) -> sql.Composable:
+        return t.ident if side == "branch" else t.hq_source
+
     def where(self, t: Table, side: str) -> sql.Composable:
         """HQ rows outside the branch's filter are not the branch's business."""
         if side == "branch" or not t.filter:
@@ -351,7 +355,7 @@ class _Context:
         n = self.buckets_for(t)
         hq_b, br_b = self._both(lambda side: (sql.SQL(
             "SELECT b, count(*), sum(h) FROM (SELECT {b} AS b, {h} AS h FROM {t} WHERE {w}) s GROUP BY b").format(
-            b=self.bucket(t, n), h=self.row_hash(t), t=t.ident, w=self.where(t, side)),))
+            b=self.bucket(t, n), h=self.row_hash(t), t=self.source(t, side), w=self.where(t, side)),))
         hq_b = {b: (c, s) for b, c, s in hq_b}
         br_b = {b: (c, s) for b, c, s in br_b}
         tr.hq_rows = sum(c for c, _ in hq_b.values())
@@ -363,14 +367,14 @@ class _Context:
             return {}
         hq_k, br_k = self._both(lambda side: (sql.SQL(
             "SELECT {k}, {h} FROM {t} WHERE {b} = ANY(%s::int[]) AND {w}").format(
-            k=self.key_text(t), h=self.row_hash(t), t=t.ident, b=self.bucket(t, n), w=self.where(t, side)),
+            k=self.key_text(t), h=self.row_hash(t), t=self.source(t, side), b=self.bucket(t, n), w=self.where(t, side)),
             (differ,)))
         return _diff(dict(hq_k), dict(br_k))
 
     def rows_for_keys(self, conn: psycopg.Connection, t: Table, side: str, keys: list[str]) -> dict[str, int]:
         out = {}
         q = sql.SQL("SELECT {k}, {h} FROM {t} WHERE {m} AND {w}").format(
-            k=self.key_text(t), h=self.row_hash(t), t=t.ident, m=self.key_match(t), w=self.where(t, side))
+            k=self.key_text(t), h=self.row_hash(t), t=self.source(t, side), m=self.key_match(t), w=self.where(t, side))
         for chunk in _chunks(keys):
             out.update(conn.execute(q, (self._key_objects(t, chunk),)).fetchall())
         return out
@@ -455,7 +459,7 @@ SELECT DISTINCT CASE WHEN l.op = 'T' THEN NULL ELSE {key} END
         cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
         fetch = sql.SQL("SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s)), '[]')::text "
                         "FROM (SELECT {c} FROM {t} WHERE {m} AND {w}) s").format(
-            c=cols, t=t.ident, m=self.key_match(t), w=self.where(t, "hq"))
+            c=cols, t=t.hq_source, m=self.key_match(t), w=self.where(t, "hq"))
         delete = sql.SQL("DELETE FROM {t} WHERE {m}").format(t=t.ident, m=self.key_match(t))
         overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if t.identity_always else sql.SQL("")
         insert = sql.SQL("INSERT INTO {t} ({c}) {o}SELECT {c} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, "

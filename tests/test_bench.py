@@ -30,6 +30,8 @@ EXPECTED_ROWS = [
     "fan-out: worst branch lag p99",
     "fan-out: HQ CPU per branch",
     "fan-out: window poll",
+    "row restriction: filtered init, end to end",
+    "row restriction: filtered catch-up",
 ]
 
 

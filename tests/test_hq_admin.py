@@ -28,7 +28,7 @@ def _registry(db) -> list:
     return [
         db.execute("SELECT * FROM replication.catalogs ORDER BY name"),
         db.execute("SELECT id, catalog, schema_name, table_name, key_columns, filter, exclude_columns, active, "
-                   "signature, capture_since IS NOT NULL FROM replication.tables ORDER BY id"),
+                   "signature, capture_since IS NOT NULL, row_access FROM replication.tables ORDER BY id"),
         db.execute("SELECT version, name FROM replication.versions ORDER BY 1"),
         db.execute("SELECT tgrelid::regclass::text, tgname, tgfoid::regproc::text, tgtype FROM pg_trigger "
                    "WHERE tgname LIKE 'replicator%' ORDER BY 1, 2"),
@@ -38,6 +38,8 @@ def _registry(db) -> list:
                    "ORDER BY a.attnum) FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attacl IS NOT NULL) "
                    "FROM pg_class c WHERE c.relnamespace IN ('public'::regnamespace, 'replication'::regnamespace) "
                    "AND c.relkind = 'r' ORDER BY 1"),
+        db.execute("SELECT polname, pg_get_expr(polqual, polrelid) FROM pg_policy "
+                   "WHERE polrelid = 'replication.change_log'::regclass ORDER BY 1"),
     ]
 
 
@@ -60,15 +62,30 @@ def test_hq_sql_is_everything_hq_install_does(bare_pos, branch_a):
     psql = subprocess.run([str(find_bindir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", branch_a.dsn],
                           input=script, capture_output=True, text=True, timeout=60)
     assert psql.returncode == 0, psql.stderr
-    # ... and gets what `hq install` gives
+    assert "run `replicator hq install` after applying it" in script
+    # ... and gets what `hq install` gives, but for the row restriction of filtered catalogs,
+    # which needs HQ's column types: `hq install` after the script adds just that
     r = bare_pos.hq_cli("install")
     assert r.returncode == 0, r.stderr
+    r = replicator_cli("hq", "install", "-c", str(HQ_YAML), env={"REPLICATOR_HQ_DSN": branch_a.dsn})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(f"row restriction for branch logins rebuilt: public.{t}\n"
+                               for t in ("registers", "stock", "devices")), r.stdout
     assert _registry(branch_a) == _registry(bare_pos.hq)
     # 4 statement triggers and the key-change row trigger per table, and the registry's own
     assert len(_registry(bare_pos.hq)[3]) == 5 * 19 + 1
-    # the two routes are interchangeable: install after the script changes nothing
+    # the two routes are interchangeable: the script's registry part applied again keeps
+    # filtered tables closed to catalog roles, and install after it changes nothing
+    registry_part = script[script.index("\n-- catalogs and capture triggers from"):]
+    psql = subprocess.run([str(find_bindir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", branch_a.dsn],
+                          input=registry_part, capture_output=True, text=True, timeout=60)
+    assert psql.returncode == 0, psql.stderr
+    assert _registry(branch_a) == _registry(bare_pos.hq)
+    policy = "SELECT xmin::text FROM pg_policy WHERE polname = 'branch_reads'"
+    written = branch_a.scalar(policy)
     r = replicator_cli("hq", "install", "-c", str(HQ_YAML), env={"REPLICATOR_HQ_DSN": branch_a.dsn})
     assert (r.returncode, r.stdout) == (0, "capture is up to date (19 tables); nothing changed\n"), r.stderr
+    assert branch_a.scalar(policy) == written     # the log's policy untouched: capture never waited on it
 
 
 # ------------------------------------------------------------- add-branch
@@ -97,7 +114,13 @@ def test_add_branch_prints_a_branch_yaml_and_creates_a_least_privilege_role(pos,
 
         # what a branch needs
         assert conn.execute("SELECT count(*) FROM replication.change_log").fetchone()[0] == 0
-        assert conn.execute("SELECT count(*) FROM stock").fetchone()[0] == 140
+        # its own store's stock only, through HQ's read_rows; never the table itself
+        own = pos.hq.scalar("SELECT count(*) FROM stock WHERE store_id = 3")
+        assert 0 < own < 140
+        tid = pos.hq.scalar("SELECT id FROM replication.tables WHERE table_name = 'stock'")
+        assert conn.execute("SELECT count(*), min(store_id), max(store_id) FROM replication.read_rows(%s, "
+                            "NULL::stock)", (tid,)).fetchone() == (own, 3, 3)
+        denied("SELECT count(*) FROM stock")
         assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == 50
         assert conn.execute("SELECT params FROM replication.branch_info(%s)", (name,)).fetchone() == \
             ({"store_id": "3"},)

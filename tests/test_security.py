@@ -13,7 +13,7 @@ import pytest
 import yaml
 from psycopg import sql
 
-from harness import make_setup, replicator_cli
+from harness import assert_same, make_setup, replicator_cli
 from replicator.errors import ConfigError
 from replicator.hq import CONNECTION_LIMIT, add_branch, role_name
 
@@ -477,6 +477,120 @@ def test_a_branch_login_reads_only_what_hq_granted_it(tmp_path, hq, branch_a, ro
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     assert ("catalogs: catalog customers is not granted to this branch by HQ (it grants items, stock); "
             "remove it here, or ask HQ's admin") in r.stderr, r.stderr
+
+
+ROWS_SCHEMA = SCHEMA + """
+CREATE TABLE registers (id int PRIMARY KEY, store_id int NOT NULL, name text);
+"""
+ROWS_CATALOGS = {**CATALOGS, "registers": {"label": "Registers", "default": True, "tables": ["public.registers"],
+                                           "filter": "store_id = :store_id"}}
+
+
+def _other_stores_rows(hq) -> None:
+    """Store 2's rows carry the marker 7770 (stock) or caja-2 (registers); store 1's never."""
+    hq.execute("INSERT INTO stock VALUES (1, 1, 10), (1, 2, 20), (2, 1, 777001), (2, 2, 777002), (2, 3, 777003)")
+    hq.execute("INSERT INTO registers VALUES (1, 1, 'caja-1a'), (2, 1, 'caja-1b'), (3, 2, 'caja-2a')")
+
+
+def test_a_branch_login_reads_only_its_own_rows_of_filtered_catalogs(tmp_path, hq, branch_a, roles):
+    s = make_setup(tmp_path, hq, ROWS_CATALOGS, ROWS_SCHEMA, [branch_a])
+    _other_stores_rows(hq)
+    one, two, items_only = roles("store1"), roles("store2"), roles("itemsonly")
+    with hq.connect() as conn:
+        reg1 = add_branch(conn, s.hq_cfg, one, {"store_id": "1"}, PASSWORD)
+        reg2 = add_branch(conn, s.hq_cfg, two, {"store_id": "2"}, PASSWORD)
+        reg3 = add_branch(conn, s.hq_cfg, items_only, {"store_id": "1"}, PASSWORD, catalogs=["items"])
+    # every kind of change to both stores' rows, after registration, so the log holds them all
+    hq.execute("INSERT INTO stock VALUES (1, 3, 30), (2, 4, 777004)")
+    hq.execute("UPDATE stock SET qty = qty + 1")
+    hq.execute("UPDATE stock SET store_id = 1, qty = 40 WHERE store_id = 2 AND item_id = 4")   # key moves in
+    hq.execute("DELETE FROM stock WHERE store_id = 2 AND item_id = 2")
+    hq.execute("UPDATE registers SET name = 'caja-2b' WHERE store_id = 2")
+    ids = dict(hq.execute("SELECT table_name, id FROM replication.tables"))
+    with _as(hq, reg1.role, PASSWORD) as conn:
+        seen = _readable_text(conn, reg1.role)
+        everything = "\n".join(seen.values())
+        assert "7770" not in everything and "caja-2" not in everything, seen
+        for denied in ("SELECT * FROM stock", "SELECT * FROM registers", "SELECT store_id FROM stock"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(denied)
+        stock = conn.execute("SELECT store_id, item_id, qty FROM replication.read_rows(%s, NULL::stock) "
+                             "ORDER BY 2", (ids["stock"],)).fetchall()
+        assert stock == [(1, 1, 11), (1, 2, 21), (1, 3, 31), (1, 4, 40)], stock
+        assert conn.execute("SELECT name FROM replication.read_rows(%s, NULL::registers) ORDER BY 1",
+                            (ids["registers"],)).fetchall() == [("caja-1a",), ("caja-1b",)]
+        # the log: rows of store 1's rows only (a key that moved in shows as its new row)
+        log_rows = conn.execute("SELECT op, row ->> 'store_id', old_row ->> 'store_id' FROM replication.change_log "
+                                "WHERE table_id = ANY (%s) ORDER BY id", ([ids["stock"], ids["registers"]],)).fetchall()
+        assert log_rows and all(new == "1" or old == "1" or op == "T" for op, new, old in log_rows), log_rows
+        # read_rows serves granted filtered tables only
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            conn.execute("SELECT * FROM replication.read_rows(%s, NULL::items)", (ids["items"],))
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="takes NULL::public.stock"):
+            conn.execute("SELECT * FROM replication.read_rows(%s, NULL::registers)", (ids["stock"],))
+    with _as(hq, reg2.role, PASSWORD) as conn:      # the markers are there, for store 2's login
+        assert conn.execute("SELECT count(*) FROM replication.read_rows(%s, NULL::stock) WHERE qty > 777000",
+                            (ids["stock"],)).fetchone() == (2,)
+    with _as(hq, reg3.role, PASSWORD) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not granted"):
+            conn.execute("SELECT * FROM replication.read_rows(%s, NULL::stock)", (ids["stock"],))
+        assert conn.execute("SELECT count(*) FROM replication.change_log WHERE table_id <> %s",
+                            (ids["items"],)).fetchone() == (0,)
+
+
+def test_a_filter_hq_cannot_enforce_per_login_is_refused_at_install(tmp_path, hq, branch_a, roles):
+    """A parameter in arithmetic has no type without its value: HQ could not restrict the
+    login's reads by it, so install refuses it by name and changes nothing."""
+    s = make_setup(tmp_path, hq, ROWS_CATALOGS, ROWS_SCHEMA, [branch_a])
+    with hq.connect() as conn:
+        add_branch(conn, s.hq_cfg, roles("arith"), {"store_id": "1"}, PASSWORD)
+    before = hq.execute("SELECT id, filter, row_access FROM replication.tables ORDER BY id")
+    bad = _write(tmp_path, hq, {**ROWS_CATALOGS, "stock": {**ROWS_CATALOGS["stock"],
+                                                           "filter": "store_id = :store_id + 0"}}, "arith.yaml")
+    r = replicator_cli("hq", "install", "-c", str(bad))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {bad}: catalog stock: the row filter of public.stock "
+                               "(store_id = :store_id + 0) cannot be enforced on HQ for branch logins: "), r.stderr
+    assert "compare each :parameter with a column or CAST it" in r.stderr
+    assert hq.execute("SELECT id, filter, row_access FROM replication.tables ORDER BY id") == before
+    fixed = _write(tmp_path, hq, {**ROWS_CATALOGS, "stock": {**ROWS_CATALOGS["stock"],
+                                  "filter": "store_id = CAST(:store_id AS integer) + 0"}}, "cast.yaml")
+    r = replicator_cli("hq", "install", "-c", str(fixed))
+    assert r.returncode == 0 and "row restriction for branch logins rebuilt: public.stock" in r.stdout, r
+
+
+def test_a_branch_replicates_its_own_rows_through_its_restricted_login(tmp_path, hq, branch_a, roles):
+    """init, run and verify as the store's own HQ login: they read what the restriction
+    lets through (read_rows, the log's policy) and the branch gets exactly its rows."""
+    s = make_setup(tmp_path, hq, ROWS_CATALOGS, ROWS_SCHEMA, [branch_a])
+    _other_stores_rows(hq)
+    name = roles("store1run")
+    with hq.connect() as conn:
+        reg = add_branch(conn, s.hq_cfg, name, {"store_id": "1"}, PASSWORD)
+    path = tmp_path / "store1.yaml"
+    path.write_text(yaml.safe_dump({"branch": name, "source": {"dsn": hq.cluster.dsn(hq.name, reg.role, PASSWORD)},
+                                    "target": {"dsn": branch_a.dsn}}))
+
+    def cli(*args):
+        r = replicator_cli(*args, "-c", str(path))
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r
+
+    def same(table: str) -> None:
+        assert_same(hq, branch_a, table, hq_where="store_id = 1")
+
+    cli("init")
+    same("stock"), same("registers")
+    hq.execute("INSERT INTO stock VALUES (1, 5, 30), (2, 4, 777004)")
+    hq.execute("UPDATE stock SET qty = qty + 1")
+    hq.execute("UPDATE stock SET store_id = 1 WHERE store_id = 2 AND item_id = 3")   # into store 1
+    hq.execute("UPDATE stock SET store_id = 3 WHERE store_id = 1 AND item_id = 2")   # out of it
+    hq.execute("UPDATE registers SET store_id = 2 WHERE id = 2")                     # out, not a key
+    hq.execute("UPDATE registers SET store_id = 1 WHERE id = 3")                     # in
+    cli("run", "--once")
+    same("stock"), same("registers")
+    assert branch_a.scalar("SELECT count(*) FROM stock WHERE qty > 777000") == 1        # (1, 3) moved in
+    assert cli("verify").returncode == 0
 
 
 def test_exclusions_added_later_and_retired_catalogs_leave_nothing_readable(tmp_path, hq, branch_a, roles):
