@@ -355,8 +355,9 @@ def init(config_path: str, catalogs: tuple[str, ...], include_customers: bool, f
 def run(config_path: str, once: bool) -> None:
     """Replicate HQ changes to this branch until stopped (SIGTERM/Ctrl-C finish cleanly).
 
-    Probes HQ's log every `poll_interval` (branch.yaml, default 250ms; an
-    idle probe is one indexed query). Problems found at start (config, password, schema,
+    Probes HQ's log every `poll_interval` (branch.yaml, default 250ms; one
+    indexed query), and every `idle_poll_interval` (default 1s) after 5 s
+    with nothing new for this branch. Problems found at start (config, password, schema,
     nothing listening) exit at once: 2 for configuration, 1 otherwise. Once
     running, a lost HQ or branch connection is logged once and retried
     with backoff until it is back. SIGTERM/SIGINT finish the current

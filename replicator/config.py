@@ -345,7 +345,8 @@ class BranchConfig:
     source_dsn: str
     target_dsn: str
     catalogs: list[str] | None          # None: HQ's default catalogs
-    poll_interval: float = 0.25         # seconds between probes of HQ's log (cheap: one index probe)
+    poll_interval: float = 0.25         # seconds between probes of HQ's log while changes flow
+    idle_poll_interval: float = 1.0     # ... and after IDLE_AFTER seconds with none for us (daemon.py)
     batch_rows: int = 20000             # changes per apply transaction (bigger: more coalescing)
     lines: dict = field(default_factory=dict, repr=False)   # key -> line in the file
 
@@ -359,7 +360,7 @@ def load_branch(path: str | Path) -> BranchConfig:
     """Read branch.yaml: who we are, where HQ and the local database are."""
     path = str(path)
     root = _Reader(path, load_yaml(path))
-    root.check_keys({"branch", "source", "target", "catalogs", "poll_interval", "batch_rows"})
+    root.check_keys({"branch", "source", "target", "catalogs", "poll_interval", "idle_poll_interval", "batch_rows"})
     branch = root.get("branch", str)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", branch):
         raise root.error("branch", "use letters, digits, '-', '_' or '.' (max 63)", branch)
@@ -373,13 +374,19 @@ def load_branch(path: str | Path) -> BranchConfig:
                 raise root.error("catalogs", "expected a list of catalog ids like [items, stock]", c)
         if len(set(catalogs)) != len(catalogs):
             raise root.error("catalogs", "a catalog is listed twice", catalogs)
-    try:
-        poll = parse_duration(root.get("poll_interval", (int, float, str), "250ms"), 0.01, 3600).total_seconds()
-    except ValueError as e:
-        raise root.error("poll_interval", str(e)) from None
+    poll = _interval(root, "poll_interval", "250ms")
+    idle_poll = max(poll, _interval(root, "idle_poll_interval", "1s"))
     batch = root.get("batch_rows", int, 20000)
     if batch < 1:
         raise root.error("batch_rows", "must be at least 1", batch)
     return BranchConfig(path=path, branch=branch, source_dsn=source.get("dsn", str),
                         target_dsn=target.get("dsn", str), catalogs=catalogs,
-                        poll_interval=poll, batch_rows=batch, lines=dict(root.data.lines))
+                        poll_interval=poll, idle_poll_interval=idle_poll, batch_rows=batch,
+                        lines=dict(root.data.lines))
+
+
+def _interval(root: "_Reader", key: str, default: str) -> float:
+    try:
+        return parse_duration(root.get(key, (int, float, str), default), 0.01, 3600).total_seconds()
+    except ValueError as e:
+        raise root.error(key, str(e)) from None

@@ -19,7 +19,7 @@ from psycopg import sql
 
 from harness import Branch, assert_same, make_setup
 from replicator.cluster import Cluster, Database
-from replicator.daemon import IDLE_ADVANCE
+from replicator.daemon import IDLE_ADVANCE, IDLE_AFTER
 from replicator.hq import role_name
 from replicator.reader import covers
 
@@ -171,6 +171,39 @@ def test_idle_polls_leave_the_branch_position_alone_and_sigint_exits_0(hq, branc
     assert d.proc.returncode == 0, d.log
     assert "received SIGINT" in d.log and "Traceback" not in d.log
     assert_same(hq, branch_a, "items")
+
+
+def _probes(hq: Database, pid: int, seconds: float) -> float:
+    """Probes per second the backend `pid` ran, from its query_start (sampled every 5 ms)."""
+    starts = set()
+    deadline = time.monotonic() + seconds
+    with hq.connect() as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT query, query_start FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+            if row and "pg_current_snapshot() AS cur" in row[0]:
+                starts.add(row[1])
+            time.sleep(0.005)
+    return len(starts) / seconds
+
+
+def test_an_idle_branch_probes_less_often_and_the_first_change_wakes_it(hq, branch_a, world):
+    """Waking an HQ backend costs about as much as the probe itself: after IDLE_AFTER seconds
+    with nothing new a branch probes every idle_poll_interval, and speeds up at once when a
+    change for it arrives."""
+    b = world(hq, branch_a, poll_interval="50ms", idle_poll_interval="500ms")
+    with daemon(b) as d:
+        d.wait_for("replicating 1 tables")
+        pid = hq.scalar("SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'replicator run %%'")
+        busy = _probes(hq, pid, 1.5)                 # just started: every poll_interval
+        time.sleep(IDLE_AFTER)
+        idle = _probes(hq, pid, 3.0)
+        assert busy >= 8 and idle <= 2.5, (busy, idle)
+        hq.execute("INSERT INTO items VALUES (401, 'after a quiet spell', 4)")
+        took = wait_until(lambda: has_item(branch_a, 401), 3.0, "the first change after the quiet spell")
+        assert took < 0.5 + 0.5, took
+        assert _probes(hq, pid, 1.5) >= 8            # quick again
+        assert d.signal() < 5
+    assert d.proc.returncode == 0, d.log
 
 
 def test_position_reaches_hq_once_hq_goes_quiet(hq, branch_a, world):
