@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from . import db
-from .config import HQConfig
+from .config import HQConfig, quote_ident, table_display
 from .errors import ConfigError
 from .filters import parse_filter
 
@@ -46,7 +46,7 @@ def registry_statements(cfg: HQConfig, detach: bool = False) -> list[sql.Compose
         stmts.append(sql.SQL("SELECT replication.define_catalog({}, {}, {})").format(
             sql.Literal(cat.name), sql.Literal(cat.label), sql.Literal(cat.default)))
         for t in cat.tables:
-            tables.append(t.name)
+            tables.append(f"{t.schema}.{t.relname}")     # as retire_others joins them: unquoted
             stmts.append(sql.SQL("SELECT replication.attach_table({}, {}, {}, {}, {}::text[])").format(
                 sql.Literal(cat.name), sql.Literal(t.schema), sql.Literal(t.relname),
                 sql.Literal(t.filter), sql.Literal(list(t.exclude_columns))))
@@ -114,20 +114,16 @@ def install(conn: psycopg.Connection, cfg: HQConfig, detach: bool = False) -> In
     done = db.migrate(conn, "hq")
     attached, unchanged = [], []
     with conn.transaction():
-        before = dict(conn.execute("SELECT format('%s.%s', schema_name, table_name), signature "
-                                   "FROM replication.tables WHERE active").fetchall())
-        filters_before = dict(conn.execute("SELECT format('%s.%s', schema_name, table_name), filter "
-                                           "FROM replication.tables WHERE active").fetchall())
+        before = _by_table(conn, "signature")
+        filters_before = _by_table(conn, "filter")
         try:
             for stmt in registry_statements(cfg, detach):
                 conn.execute(stmt)
         except psycopg.errors.ObjectInUse as e:
             raise ConfigError(f"{e.diag.message_primary}; {e.diag.message_hint}", cfg.path) from None
         restricted = restrict_rows(conn, cfg)
-        after = dict(conn.execute("SELECT format('%s.%s', schema_name, table_name), signature "
-                                  "FROM replication.tables WHERE active").fetchall())
-        filters_after = dict(conn.execute("SELECT format('%s.%s', schema_name, table_name), filter "
-                                          "FROM replication.tables WHERE active").fetchall())
+        after = _by_table(conn, "signature")
+        filters_after = _by_table(conn, "filter")
     filters = [(name, filters_before.get(name), f) for name, f in sorted(filters_after.items())
                if name in filters_before and filters_before[name] != f]
     for name, sig in after.items():
@@ -142,6 +138,13 @@ def install(conn: psycopg.Connection, cfg: HQConfig, detach: bool = False) -> In
     for name in restricted:
         log.info("row restriction of %s for branch logins rebuilt", name)
     return InstallReport(done, sorted(attached), sorted(unchanged), retired, filters, restricted)
+
+
+def _by_table(conn: psycopg.Connection, column: str) -> dict:
+    """An active table's registry column, keyed by the table as SQL writes it."""
+    rows = conn.execute(sql.SQL("SELECT schema_name, table_name, {} FROM replication.tables WHERE active").format(
+        sql.Identifier(column))).fetchall()
+    return {table_display(schema, name): value for schema, name, value in rows}
 
 
 def restrict_rows(conn: psycopg.Connection, cfg: HQConfig) -> list[str]:
@@ -161,11 +164,11 @@ def restrict_rows(conn: psycopg.Connection, cfg: HQConfig) -> list[str]:
         if text is None:
             if before is not None:
                 conn.execute("UPDATE replication.tables SET row_access = NULL WHERE id = %s", (tid,))
-                changed.append(f"{schema}.{name}")
+                changed.append(table_display(schema, name))
             continue
         on_table, on_log = _render_restriction(conn, cfg, catalog, schema, name, text, exclude)
         if _restrict_table(conn, tid, catalog, sql.Identifier(schema, name), on_table, before):
-            changed.append(f"{schema}.{name}")
+            changed.append(table_display(schema, name))
         arms.append(sql.SQL("WHEN {} THEN {}").format(sql.Literal(tid), on_log))
     _restrict_log(conn, arms)
     conn.execute("SELECT pg_catalog.set_config('search_path', %s, true)", (path,))
@@ -180,7 +183,7 @@ def _render_restriction(conn, cfg: HQConfig, catalog: str, schema: str, name: st
     from .filters import jsonb_column, render_for_any_branch
     cols = {c: ty for c, ty in hq_columns(conn, schema, name).items() if c not in exclude}
     try:
-        flt = parse_filter(f"{schema}.{name}", text, cols)
+        flt = parse_filter(table_display(schema, name), text, cols)
         on_table = render_for_any_branch(flt, sql.Identifier)
         on_log = sql.SQL("(change_log.op OPERATOR(pg_catalog.=) 'T' OR ({}) IS TRUE OR "
                          "(change_log.op OPERATOR(pg_catalog.=) 'U' AND ({}) IS TRUE))").format(
@@ -191,7 +194,7 @@ def _render_restriction(conn, cfg: HQConfig, catalog: str, schema: str, name: st
                 sql.Identifier(schema, name), on_table))
     except (psycopg.Error, ValueError) as e:
         reason = e.diag.message_primary if isinstance(e, psycopg.Error) else str(e)
-        raise ConfigError(f"catalog {catalog}: the row filter of {schema}.{name} ({text}) cannot be enforced on "
+        raise ConfigError(f"catalog {catalog}: the row filter of {table_display(schema, name)} ({text}) cannot be enforced on "
                           f"HQ for branch logins: {reason}; compare each :parameter with a column or CAST it",
                           cfg.path) from None
     return on_table, on_log
@@ -287,6 +290,16 @@ def check_filters_on_hq(conn: psycopg.Connection, cfg: HQConfig) -> None:
                                       f"{e.diag.message_primary or e}; fix the filter", cfg.path) from None
 
 
+def _spelling_hint(conn: psycopg.Connection, schema: str, name: str) -> str:
+    """Names are SQL identifiers (Items means items): point at a table spelled otherwise."""
+    row = conn.execute("SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n "
+                       "ON n.oid = c.relnamespace WHERE lower(n.nspname) = lower(%s) AND lower(c.relname) = "
+                       "lower(%s) AND c.relkind IN ('r', 'p') LIMIT 1", (schema, name)).fetchone()
+    if row:
+        return f"there is {table_display(*row)}: write it so in hq.yaml (quoted as in SQL)"
+    return "create it or remove it from the catalog"
+
+
 def _check_tables(conn: psycopg.Connection, cfg: HQConfig) -> None:
     """Name a missing or key-less table with the catalog it belongs to, before any DDL."""
     for cat in cfg.catalogs.values():
@@ -298,7 +311,7 @@ def _check_tables(conn: psycopg.Connection, cfg: HQConfig) -> None:
                 (t.schema, t.relname)).fetchone()
             if row is None:
                 raise ConfigError(f"catalog {cat.name}: table {t.name} does not exist on HQ; "
-                                  "create it or remove it from the catalog", cfg.path)
+                                  f"{_spelling_hint(conn, t.schema, t.relname)}", cfg.path)
             if not row[1]:
                 raise ConfigError(f"catalog {cat.name}: table {t.name} has no primary key; "
                                   "add a PRIMARY KEY (replication needs it to apply updates and deletes)",
@@ -306,5 +319,5 @@ def _check_tables(conn: psycopg.Connection, cfg: HQConfig) -> None:
             cols = hq_columns(conn, t.schema, t.relname)
             for c in t.exclude_columns:
                 if c not in cols:
-                    raise ConfigError(f"catalog {cat.name}: exclude_columns: {t.name} has no column {c}",
-                                      cfg.path)
+                    raise ConfigError(f"catalog {cat.name}: exclude_columns: {t.name} has no column "
+                                      f"{quote_ident(c)}", cfg.path)

@@ -216,14 +216,64 @@ def _human(seconds: float) -> str:
     return f"{seconds * 1000:g}ms"
 
 
-def qualify(table: str) -> str:
-    """'items' -> 'public.items'; 'pos.items' stays.  Names are later quoted."""
-    parts = table.split(".")
+# Words quote_ident() quotes (pg_get_keywords() with catcode <> 'U', PostgreSQL 15).
+_KEYWORDS = frozenset("""
+all analyse analyze and any array as asc asymmetric authorization between bigint binary bit boolean both
+case cast char character check coalesce collate collation column concurrently constraint create cross
+current_catalog current_date current_role current_schema current_time current_timestamp current_user dec
+decimal default deferrable desc distinct do else end except exists extract false fetch float for foreign
+freeze from full grant greatest group grouping having ilike in initially inner inout int integer intersect
+interval into is isnull join lateral leading least left like limit localtime localtimestamp national
+natural nchar none normalize not notnull null nullif numeric offset on only or order out outer overlaps
+overlay placing position precision primary real references returning right row select session_user setof
+similar smallint some substring symmetric table tablesample then time timestamp to trailing treat trim
+true union unique user using values varchar variadic verbose when where window with xmlattributes
+xmlconcat xmlelement xmlexists xmlforest xmlnamespaces xmlparse xmlpi xmlroot xmlserialize xmltable
+""".split())
+_NAME_PART = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_$]*)')
+
+
+def parse_identifier_path(text: str, parts: int) -> list[str]:
+    """Up to `parts` dot-separated SQL identifiers, as PostgreSQL reads them: a quoted one
+    exactly ("Items", "order", "a b"), an unquoted one folded to lower case (Items = items)."""
+    out, pos = [], 0
+    while True:
+        m = _NAME_PART.match(text, pos)
+        if m is None:
+            raise ValueError(f"not a name like schema.table (quote \"Mixed Case\" names as in SQL): {text!r}")
+        out.append(m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2).lower())
+        pos = m.end()
+        if pos == len(text):
+            break
+        if text[pos] != "." or len(out) == parts:
+            raise ValueError(f"not a name like schema.table (quote \"Mixed Case\" names as in SQL): {text!r}")
+        pos += 1
+    return out
+
+
+def parse_table_name(text: str) -> tuple[str, str]:
+    """'items' -> ('public', 'items'); 'public."Items"' -> ('public', 'Items')."""
+    parts = parse_identifier_path(text, 2)
     if len(parts) == 1:
         parts.insert(0, "public")
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(f"not a table name like schema.table: {table!r}")
-    return ".".join(parts)
+    return parts[0], parts[1]
+
+
+def quote_ident(name: str) -> str:
+    """The name as SQL writes it (PostgreSQL's quote_ident): quoted unless plain lower case."""
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in _KEYWORDS:
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def table_display(schema: str, name: str) -> str:
+    """schema.table as SQL writes it, for messages and as the key of a table everywhere."""
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
+
+
+def qualify(table: str) -> str:
+    """'items' -> 'public.items'; 'pos.Items' -> 'pos.items'; 'public."Items"' stays."""
+    return table_display(*parse_table_name(table))
 
 
 # ---------------------------------------------------------------- HQ config
@@ -236,11 +286,11 @@ class TableSpec:
 
     @property
     def schema(self) -> str:
-        return self.name.split(".", 1)[0]
+        return parse_table_name(self.name)[0]
 
     @property
     def relname(self) -> str:
-        return self.name.split(".", 1)[1]
+        return parse_table_name(self.name)[1]
 
 
 @dataclass(frozen=True)
@@ -314,9 +364,21 @@ def _parse_catalog(name: str, cat: _Reader) -> CatalogSpec:
     catalog_filter = cat.get("filter", str, None)
     excludes = _table_map(cat, "exclude_columns", tables, list)
     specs = tuple(
-        TableSpec(t, filters.get(t, catalog_filter), tuple(str(c) for c in excludes.get(t, ())))
+        TableSpec(t, filters.get(t, catalog_filter), _columns(cat, excludes.get(t, ())))
         for t in tables)
     return CatalogSpec(name, str(cat.get("label", str, name)), cat.get("default", bool, False), specs)
+
+
+def _columns(cat: _Reader, names) -> tuple[str, ...]:
+    """Excluded columns, SQL identifiers like table names ("PasswordHash" keeps its case)."""
+    out = []
+    for c in names:
+        try:
+            out += parse_identifier_path(str(c), 1)
+        except ValueError:
+            raise cat.error("exclude_columns", "expected column names (quote \"Mixed Case\" ones as in SQL)",
+                            c) from None
+    return tuple(out)
 
 
 def _table_map(cat: _Reader, key: str, tables: list[str], kind: type) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from .config import table_display
 from .errors import SchemaMismatch
 from .schema import Table
 
@@ -164,7 +165,7 @@ _TYPE_SQL = ("SELECT t.typtype::text FROM pg_type t JOIN pg_namespace n ON n.oid
 
 def _ensure_type(hq, branch, table: Table, schema: str, name: str) -> None:
     """A user type the table needs: an enum is created (or checked) from HQ's labels; others must exist."""
-    qualified = f"{schema}.{name}"
+    qualified = table_display(schema, name)
     kind = hq.execute(_TYPE_SQL, (schema, name)).fetchone()[0]
     exists = branch.execute(_TYPE_SQL, (schema, name)).fetchone() is not None
     if kind != "e":

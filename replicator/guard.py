@@ -43,7 +43,7 @@ import psycopg
 from psycopg import sql
 
 from . import db, state
-from .config import BranchConfig
+from .config import BranchConfig, table_display
 from .errors import ConfigError
 from .schema import Table, offered_catalogs, select_catalogs
 
@@ -160,7 +160,7 @@ def _plan(branch: psycopg.Connection, have: dict, catalogs: list[str], path: str
     states = state.table_states(branch)
     plan = []
     for cat in catalogs:
-        tables = {f"{s}.{n}" for (s, n), c in have.items() if c == cat}
+        tables = {table_display(s, n) for (s, n), c in have.items() if c == cat}
         tables |= {q for q, st in states.items() if st.catalog == cat}
         if not tables:
             raise ConfigError(f"catalog {cat} has no read-only or initialized tables on this branch; "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from .config import BranchConfig
+from .config import BranchConfig, table_display
 from .errors import ConfigError, ReplicatorError, SchemaMismatch, UnknownCatalog
 
 
@@ -46,7 +46,7 @@ class Table:
 
     @property
     def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
+        return table_display(self.schema, self.name)
 
     @property
     def ident(self) -> sql.Identifier:

@@ -11,6 +11,7 @@ from datetime import datetime
 import psycopg
 
 from . import db
+from .config import table_display
 
 SOURCE = "hq"
 
@@ -37,7 +38,7 @@ class TableState:
 
     @property
     def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
+        return table_display(self.schema, self.name)
 
 
 def ensure_schema(conn: psycopg.Connection) -> list[str]:
@@ -85,7 +86,7 @@ def table_states(conn: psycopg.Connection) -> dict[str, TableState]:
     rows = conn.execute(
         "SELECT schema_name, table_name, catalog, copy_snapshot::text, initialized_at, rows_copied "
         "FROM replication.tables WHERE source = %s", (SOURCE,)).fetchall()
-    return {f"{r[0]}.{r[1]}": TableState(*r) for r in rows}
+    return {table_display(r[0], r[1]): TableState(*r) for r in rows}
 
 
 def mark_copied(conn: psycopg.Connection, schema: str, name: str, catalog: str,
