@@ -25,6 +25,7 @@ import time
 from datetime import datetime, timezone
 
 import psycopg
+from psycopg import sql
 
 from . import config as config_mod
 from . import db, guard, state
@@ -51,6 +52,12 @@ IDLE_AFTER = 5.0
 
 class _Reload(Exception):
     """Table states changed under us (init ran): reload and re-read the window."""
+
+
+class _Rebind(_Reload):
+    """A branch table's columns changed since they were bound (an ALTER under a running
+    replicator): bind again before applying, so a narrowed column is a schema mismatch,
+    not a silent rounding."""
 
 
 class Session:
@@ -144,11 +151,29 @@ class Session:
             elif st.copy_snapshot and not covers(self.hq, pos.snapshot, st.copy_snapshot):
                 skip[t.id] = st.copy_snapshot
         self.tables = tables
+        self.shape = self._shape()
         self.reader = LogReader(tables, params, skip, self.cfg.batch_rows)
         self.applier = Applier(self.branch, tables)
         self.applier.prepare_session()
         self.config_version = pos.config_version
         log.info("branch %s: replicating %d tables of catalogs %s", self.cfg.branch, len(tables), ", ".join(names))
+
+    def _shape(self) -> list[str]:
+        """The branch tables' column rows as of now: any ALTER of a column rewrites its
+        pg_attribute row, so a different xmin means "bind again"."""
+        return self.branch.execute(
+            "SELECT coalesce(array_agg(a.attrelid::text || '.' || a.attnum || '.' || a.xmin::text "
+            "ORDER BY a.attrelid, a.attnum), '{}') FROM pg_attribute a "
+            "WHERE a.attrelid = ANY (%s::regclass[]) AND a.attnum > 0",
+            ([t.ident.as_string(self.branch) for t in self.tables],)).fetchone()[0]
+
+    def _check_shape(self) -> None:
+        """Inside the apply transaction, with the tables locked (an ALTER waits for us or we
+        for it), so what is checked is what is written to."""
+        self.branch.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(
+            sql.SQL(", ").join(t.ident for t in self.tables)))
+        if self._shape() != self.shape:
+            raise _Rebind()
 
     def _reread_selection(self) -> None:
         """init and release bump config_version after the admin edited `catalogs:` in branch.yaml;
@@ -271,6 +296,8 @@ class Session:
             locked = state.load_position(self.branch, lock=True, schema_known=True)
             if locked.config_version != self.config_version or locked.snapshot != pos.snapshot:
                 raise _Reload()
+            if rows:
+                self._check_shape()
             try:
                 stats = self.applier.apply(batch) if rows else None
             except psycopg.errors.UntranslatableCharacter as e:
@@ -336,6 +363,9 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
                 rebound = False
                 if not once and applied == 0:
                     stop.wait(session.poll_wait())
+            except _Rebind:
+                log.info("a branch table's columns changed while running; reading its definition again")
+                session.config_version = None
             except _Reload:
                 log.info("table states changed on the branch (init); reloading")
                 session.config_version = None   # step() reloads, inside this try (outages included)

@@ -385,6 +385,26 @@ def test_branch_table_altered_while_running_stops_with_one_line(hq, branch_a, wo
     assert hq.scalar("SELECT pg_visible_in_snapshot(%s::xid8, %s::pg_snapshot)", (xid, after["snapshot"])) is False
 
 
+def test_branch_column_narrowed_while_running_is_caught_before_the_next_apply(hq, branch_a, world):
+    """numeric(12,2) narrowed to numeric(12,1) under a running replicator would round 1.25 to
+    1.3 without an error (binary records take the column's typmod): the definition is checked
+    before each apply, so it stops with one line and nothing is rounded."""
+    b = world(hq, branch_a)
+    hq.execute("INSERT INTO items VALUES (701, 'before', 1.00)")
+    with daemon(b) as d:
+        d.wait_for("replicating 1 tables")
+        wait_until(lambda: has_item(branch_a, 701), 5, "the first change")
+        branch_a.execute("ALTER TABLE items ALTER COLUMN price TYPE numeric(12,1)")
+        hq.execute("UPDATE items SET price = 1.25 WHERE id = 701")
+        d.proc.wait(15)
+        d._reader.join(5)
+    assert d.proc.returncode == 1, d.log
+    assert "Traceback" not in d.log, d.log
+    assert d.lines[-1] == ("error: schema mismatch on public.items.price: type is numeric(12,1) on the branch but "
+                           "numeric(12,2) on HQ; change the branch column to numeric(12,2)"), d.log
+    assert branch_a.scalar("SELECT price::text FROM items WHERE id = 701") == "1.0"
+
+
 def test_branch_column_added_while_running_is_taken_in_stride(hq, branch_a, world):
     """A nullable local column added under a running replicator: the binary records it was
     applying no longer fit, so it binds the table again and goes on (now as JSON images)."""
