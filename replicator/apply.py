@@ -8,6 +8,10 @@ statement trips a unique constraint that only holds in HQ's statement order,
 or a key HQ inserted is already here, every key the chunk touched in that
 table is deleted and the final images inserted again.
 
+A chunk a table refuses (a row breaks a branch-only constraint or does not fit) is
+applied again key by key, each in a savepoint: what the branch refuses is set aside
+(aside.py) and the rest is written; keys already waiting go that way too, in order.
+
 Images reach the statements in one of two forms: binary records built on HQ
 (tables whose columns are all of built-in types and match the branch's row
 type, see schema._record_type), read with the types' binary input; otherwise
@@ -24,6 +28,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.adapt import Dumper
 
+from . import aside
 from .schema import Table
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,8 @@ class ApplyStats:
     upserts: int = 0
     deletes: int = 0
     truncates: int = 0
+    set_aside: int = 0       # changes the branch refused, now waiting
+    cleared: int = 0         # waiting keys a newer change (or a retry) wrote
     tables: set = field(default_factory=set)
 
 
@@ -96,6 +103,11 @@ class Applier:
         self.sql = {t.id: _statements(t) for t in tables}
         self.payload = {t.id: _record_array(t.record_type) if t.record_type else _json_array for t in tables}
         conn.adapters.register_dumper(Records, _RecordsDumper)
+        self.waiting: dict[int, set[str]] = {}     # table id -> keys set aside (load_waiting)
+
+    def load_waiting(self) -> None:
+        have = aside.keys_by_table(self.conn)
+        self.waiting = {tid: have[(t.schema, t.name)] for tid, t in self.tables.items() if (t.schema, t.name) in have}
 
     def prepare_session(self) -> None:
         """Replica role: FKs and user triggers (incl. read-only guards) stay quiet."""
@@ -117,21 +129,90 @@ class Applier:
             p.split(self.payload[tid])
         return Batch(rows, pending)
 
-    def apply(self, batch: Batch | list[tuple]) -> ApplyStats:
-        """Execute a reduced chunk (or reduce and execute rows). Caller owns the transaction."""
+    def apply(self, batch: Batch | list[tuple], hold_unique: bool = False) -> ApplyStats:
+        """Execute a reduced chunk (or reduce and execute rows). Caller owns the transaction.
+
+        hold_unique: a unique violation is raised, not set aside (the daemon then applies
+        the chunk together with the next one: it may end inside an HQ statement whose rows
+        are unique only all together)."""
         if not isinstance(batch, Batch):
             batch = self.reduce(batch)
         stats = ApplyStats(rows=len(batch.rows))
         for tid, p in batch.pending.items():
             stats.tables.add(self.tables[tid].qualified)
-            self._apply_table(tid, p, stats)
+            self._apply_table(tid, p, stats, hold_unique)
         return stats
 
-    def _apply_table(self, tid: int, p: _Pending, stats: ApplyStats) -> None:
-        stmts = self.sql[tid]
+    def _apply_table(self, tid: int, p: _Pending, stats: ApplyStats, hold_unique: bool = False) -> None:
+        t, stmts = self.tables[tid], self.sql[tid]
         if p.truncate:
             self.conn.execute(stmts["truncate"])
             stats.truncates += 1
+            if self.waiting.pop(tid, None):       # HQ emptied the table: nothing of it waits
+                aside.clear(self.conn, t.schema, t.name)
+        waiting = self.waiting.get(tid)
+        if waiting and not waiting.isdisjoint(p.last):
+            self._key_by_key(tid, p, stats)
+            return
+        try:
+            with self.conn.transaction():
+                self._set_based(tid, p)
+        except psycopg.Error as e:
+            if not aside.about_one_row(e) or (hold_unique and isinstance(e, psycopg.errors.UniqueViolation)):
+                raise
+            log.info("%s: the branch refused a row of this chunk (%s); applying its %d keys one by one",
+                     t.qualified, e.diag.message_primary, len(p.last))
+            self._key_by_key(tid, p, stats)
+            return
+        stats.deletes += p.counts[0]
+        stats.upserts += p.counts[1] + p.counts[2]
+
+    def _key_by_key(self, tid: int, p: _Pending, stats: ApplyStats) -> None:
+        """Each key's last change in its own savepoint, in log order: refused ones are set
+        aside (replacing what the key had waiting), accepted ones clear the key."""
+        t, stmts, payload = self.tables[tid], self.sql[tid], self.payload[tid]
+        waiting = self.waiting.setdefault(tid, set())
+        for key, (op, row) in p.last.items():
+            try:
+                with self.conn.transaction():
+                    self.conn.execute(stmts["delete" if op == "D" else "upsert"], (payload([row]),))
+            except psycopg.Error as e:
+                if not aside.about_one_row(e):
+                    raise
+                aside.put(self.conn, t.schema, t.name, key, op, row, e)
+                waiting.add(key)
+                stats.set_aside += 1
+                log.warning("%s key %s set aside: %s", t.qualified, key, e.diag.message_primary)
+                continue
+            if key in waiting:
+                aside.clear(self.conn, t.schema, t.name, key)
+                waiting.discard(key)
+                stats.cleared += 1
+            if op == "D":
+                stats.deletes += 1
+            else:
+                stats.upserts += 1
+
+    def retry_waiting(self) -> ApplyStats:
+        """Apply what waits again (the caller holds the position lock): the DBA may have fixed
+        the cause.  A row stored as a binary record of an older row type stays."""
+        stats = ApplyStats()
+        for tid, keys in list(self.waiting.items()):
+            t = self.tables[tid]
+            p = _Pending()
+            for key, op, text, record in aside.stored(self.conn, t.schema, t.name):
+                if (record is not None) != bool(t.record_type):
+                    continue        # the table's form changed since; verify --repair, then discard
+                p.last[key] = (op, text if text is not None else record)
+            if p.last:
+                stats.tables.add(t.qualified)
+                self._key_by_key(tid, p, stats)
+            if not self.waiting.get(tid):
+                self.waiting.pop(tid, None)
+        return stats
+
+    def _set_based(self, tid: int, p: _Pending) -> None:
+        stmts = self.sql[tid]
         try:
             with self.conn.transaction():
                 if p.deletes:
@@ -151,8 +232,6 @@ class Applier:
             for images in (p.inserts, p.upserts):
                 if images:
                     self.conn.execute(stmts["insert"], (images,))
-        stats.deletes += p.counts[0]
-        stats.upserts += p.counts[1] + p.counts[2]
 
 
 def _json_array(rows: list[str]) -> str:

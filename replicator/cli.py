@@ -377,9 +377,11 @@ def run(config_path: str, once: bool) -> None:
 @cli.command()
 @CONFIG
 def status(config_path: str) -> None:
-    """Per catalog: up to date, behind by N changes, or not initialized.
+    """Per catalog: up to date, behind by N changes, or not initialized; then
+    every change set aside (refused by this branch: table, key, reason, since).
 
-    Exit 0 when every selected catalog is up to date, 1 otherwise.
+    Exit 0 when every selected catalog is up to date and nothing is set aside,
+    1 otherwise.
 
     Example:
 
@@ -390,9 +392,102 @@ def status(config_path: str) -> None:
     st = branch_status(cfg)
     for c in st.catalogs:
         click.echo(f"{c.name:<16} {c.label:<16} {c.state}")
+    if st.set_aside:
+        click.echo(f"{len(st.set_aside)} change{'s' * (len(st.set_aside) != 1)} set aside (refused by this "
+                   "branch; `replicator aside list`):")
+        for row in st.set_aside:
+            click.echo(f"  {row.line()}")
     if st.up_to_date:
         click.echo("catalogs are up to date")
     sys.exit(0 if st.up_to_date else 1)
+
+
+@cli.group()
+def aside() -> None:
+    """Changes this branch refused (a local constraint, a value that does not fit).
+
+    A refused row is set aside, the rest of the stream goes on, and `run`
+    retries it at start and every minute. These commands list them, retry
+    them now, or discard one on purpose (recorded in replication.discarded).
+
+    Example:
+
+        replicator aside list -c branch.yaml
+        replicator aside discard -c branch.yaml public.items 42
+    """
+
+
+@aside.command("list")
+@CONFIG
+def aside_list(config_path: str) -> None:
+    """List the changes set aside. Exit 1 when there are any.
+
+    Example:
+
+        replicator aside list -c branch.yaml
+    """
+    from . import aside as aside_mod
+    from . import db
+    cfg = config_mod.load_branch(config_path)
+    with db.connect(cfg.target_dsn, "branch", autocommit=True, application="replicator aside") as conn:
+        rows = aside_mod.rows(conn)
+    for row in rows:
+        click.echo(row.line())
+    if not rows:
+        click.echo("nothing is set aside")
+    sys.exit(1 if rows else 0)
+
+
+@aside.command("retry")
+@CONFIG
+def aside_retry(config_path: str) -> None:
+    """Apply the set-aside changes again now (after fixing their cause).
+    Exit 1 when some are still refused.
+
+    Example:
+
+        replicator aside retry -c branch.yaml
+    """
+    from .daemon import Session
+    cfg = config_mod.load_branch(config_path)
+    session = Session(cfg, app="replicator aside")
+    try:
+        session.open()
+        left = sum(len(k) for k in session.applier.waiting.values())
+    finally:
+        session.close()
+    click.echo(f"{left} change{'s' * (left != 1)} still set aside" if left else "nothing is set aside")
+    sys.exit(1 if left else 0)
+
+
+@aside.command("discard")
+@CONFIG
+@click.argument("table")
+@click.argument("key")
+def aside_discard(config_path: str, table: str, key: str) -> None:
+    """Give up one set-aside change on purpose: it is recorded (who, when, what) in
+    replication.discarded and never applied. `verify --repair` then makes the row
+    HQ's again.
+
+    Example:
+
+        replicator aside discard -c branch.yaml public.items 42
+    """
+    from . import aside as aside_mod
+    from . import db, state
+    from .config import qualify
+    cfg = config_mod.load_branch(config_path)
+    try:
+        table = qualify(table)
+    except ValueError as e:
+        raise ConfigError(str(e), None, None, "TABLE", table) from None
+    with db.connect(cfg.target_dsn, "branch", autocommit=True, application="replicator aside") as conn:
+        with conn.transaction():
+            state.load_position(conn, lock=True)        # not while run applies
+            gone = aside_mod.discard(conn, table, key) if aside_mod.has_table(conn) else 0
+    if not gone:
+        raise ConfigError(f"nothing of {table} key {key} is set aside (see `replicator aside list`)")
+    click.echo(f"discarded {table} key {key} (recorded in replication.discarded)")
 
 
 @cli.command()

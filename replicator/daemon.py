@@ -28,7 +28,7 @@ import psycopg
 from psycopg import sql
 
 from . import config as config_mod
-from . import db, guard, state
+from . import aside, db, guard, state
 from .apply import Applier, Batch
 from .config import BranchConfig
 from .errors import ApplyFailed, ConnectionFailed, LockHeld, NotInitialized, PositionLost, ReplicatorError
@@ -73,6 +73,7 @@ class Session:
         self.last_advance = 0.0
         self.probed = self.probed_from = None    # end of the last empty probe, and the position it began at
         self.last_news = time.monotonic()         # when a probe last found something for us
+        self.last_retry = time.monotonic()        # when set-aside rows were last retried
         self.stop = threading.Event()   # set by SIGTERM/SIGINT: stop after the current chunk
 
     # ---------------------------------------------------------- connect
@@ -137,6 +138,7 @@ class Session:
         params = branch_params(self.hq, self.cfg.branch, self.cfg)
         tables = source_tables(self.hq, names)
         bind_target(self.branch, tables)
+        state.ensure_schema(self.branch)        # a branch from an older release (set-aside rows: 003)
         guard.sync(self.branch, tables, self.cfg.path, pos.config_version)   # read-only tables, stale state
         states = state.table_states(self.branch)
         gaps = capture_gaps(self.hq, tables, states)
@@ -155,8 +157,25 @@ class Session:
         self.reader = LogReader(tables, params, skip, self.cfg.batch_rows)
         self.applier = Applier(self.branch, tables)
         self.applier.prepare_session()
+        self.applier.load_waiting()
         self.config_version = pos.config_version
         log.info("branch %s: replicating %d tables of catalogs %s", self.cfg.branch, len(tables), ", ".join(names))
+        self.retry_waiting()
+
+    def retry_waiting(self) -> None:
+        """Rows set aside get another try at start and every RETRY_INTERVAL: the cause may be
+        fixed (a widened column, a dropped local constraint) without anyone telling us."""
+        self.last_retry = time.monotonic()
+        if not self.applier.waiting:
+            return
+        with self.branch.transaction():
+            state.load_position(self.branch, lock=True, schema_known=True)   # one apply at a time
+            stats = self.applier.retry_waiting()
+        left = sum(len(k) for k in self.applier.waiting.values())
+        if stats.cleared:
+            log.info("applied %d set-aside changes on retry; %d still set aside", stats.cleared, left)
+        elif left:
+            log.info("%d changes still set aside (`replicator aside list`)", left)
 
     def _shape(self) -> list[str]:
         """The branch tables' column rows as of now: any ALTER of a column rewrites its
@@ -205,6 +224,8 @@ class Session:
         elif target:
             cur, after = target, 0
         else:
+            if time.monotonic() - self.last_retry >= aside.RETRY_INTERVAL:
+                self.retry_waiting()
             cur, news = self._probe(pos)
             after = 0
             if cur is None:
@@ -299,7 +320,7 @@ class Session:
             if rows:
                 self._check_shape()
             try:
-                stats = self.applier.apply(batch) if rows else None
+                stats = self.applier.apply(batch, hold_unique=not done) if rows else None
             except psycopg.errors.UntranslatableCharacter as e:
                 names = sorted(t.qualified for t in self.tables if t.id in batch.pending)
                 raise ApplyFailed(f"applying changes to {', '.join(names)} failed on the branch: "
@@ -315,9 +336,10 @@ class Session:
             state.save_position(self.branch, new, applied=len(rows))
         if stats:
             lag = (datetime.now(timezone.utc) - newest).total_seconds() if newest else 0.0
-            log.info("applied %d changes to %s through log id %d in %.0f ms; lag %.1f s",
+            log.info("applied %d changes to %s through log id %d in %.0f ms; lag %.1f s%s",
                      stats.rows, ", ".join(sorted(stats.tables)), last_id,
-                     (time.monotonic() - start) * 1000, lag)
+                     (time.monotonic() - start) * 1000, lag,
+                     f"; {stats.set_aside} set aside (`replicator aside list`)" if stats.set_aside else "")
         if done:
             pos.snapshot = cur
         return len(rows)

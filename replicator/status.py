@@ -6,12 +6,12 @@ row filters and copy snapshots count exactly as they apply).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from psycopg import sql
 
-from . import db, state
+from . import aside, db, state
 from .config import BranchConfig
 from .reader import LogReader, current_snapshot
 from .schema import branch_params, capture_gaps, offered_catalogs, select_catalogs, source_tables
@@ -40,10 +40,11 @@ class BranchStatus:
     branch: str
     position: state.Position | None
     catalogs: list[CatalogStatus]
+    set_aside: list[aside.AsideRow] = field(default_factory=list)   # changes the branch refused
 
     @property
     def up_to_date(self) -> bool:
-        return bool(self.catalogs) and all(c.state == "up to date" for c in self.catalogs)
+        return bool(self.catalogs) and all(c.state == "up to date" for c in self.catalogs) and not self.set_aside
 
 
 def branch_status(cfg: BranchConfig) -> BranchStatus:
@@ -65,7 +66,7 @@ def branch_status(cfg: BranchConfig) -> BranchStatus:
             init = None if any(i is None for i in inits) or pos is None else min(inits)
             out.append(CatalogStatus(name, offered[name].label, [t.qualified for t in ts], init,
                                      sum(behind.get(t.id, 0) for t in ts), name in gaps))
-        return BranchStatus(cfg.branch, pos, out)
+        return BranchStatus(cfg.branch, pos, out, aside.rows(branch))
     finally:
         hq.close()
         branch.close()

@@ -1,0 +1,120 @@
+"""Rows set aside on a branch: a change the branch refuses waits there, the stream goes on.
+
+A refusal that is about one row (its values break a local constraint or do not fit a
+local column) must not stop every other change: the row is set aside with the reason,
+in the same transaction as the rest of its chunk (branch migration 003).  A failure
+that is not about one row (a missing column, a dropped table, a permission) is not a
+data error and still stops the stream, naming it.
+
+Per key, order holds: a newer change of a set-aside key is tried after it and replaces
+it (accepted: the key is clear; refused: the newer image waits instead), because each
+change carries the whole row.  `replicator run` retries what waits at start and every
+RETRY_INTERVAL seconds, so a DBA's fix applies without anyone asking.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+
+from . import state
+from .config import table_display
+
+log = logging.getLogger(__name__)
+
+RETRY_INTERVAL = 60.0
+
+# SQLSTATE classes about a row's values: data exceptions (22: too long, out of range,
+# untranslatable character, invalid text) and integrity violations (23: CHECK, UNIQUE,
+# NOT NULL, foreign keys that an ENABLE ALWAYS trigger enforces).
+_ROW_CLASSES = ("22", "23")
+
+
+def about_one_row(e: psycopg.Error) -> bool:
+    return bool(e.sqlstate) and e.sqlstate[:2] in _ROW_CLASSES
+
+
+@dataclass
+class AsideRow:
+    schema: str
+    table: str
+    key: str
+    op: str
+    sqlstate: str
+    constraint: str | None
+    message: str
+    since: datetime
+    attempts: int
+
+    @property
+    def qualified(self) -> str:
+        return table_display(self.schema, self.table)
+
+    def line(self) -> str:
+        why = f"{self.constraint}: " if self.constraint else ""
+        return (f"{self.qualified} key {self.key}: {why}{self.message} (SQLSTATE {self.sqlstate}; set aside "
+                f"since {self.since:%Y-%m-%d %H:%M:%S}, {self.attempts} attempt{'s' * (self.attempts != 1)})")
+
+
+def has_table(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT to_regclass('replication.set_aside') IS NOT NULL").fetchone()[0]
+
+
+def rows(conn: psycopg.Connection) -> list[AsideRow]:
+    if not has_table(conn):
+        return []
+    return [AsideRow(*r) for r in conn.execute(
+        "SELECT schema_name, table_name, key, op::text, sqlstate, constraint_name, message, since, attempts "
+        "FROM replication.set_aside WHERE source = %s ORDER BY since, schema_name, table_name, key",
+        (state.SOURCE,))]
+
+
+def keys_by_table(conn: psycopg.Connection) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    if has_table(conn):
+        for schema, table, key in conn.execute(
+                "SELECT schema_name, table_name, key FROM replication.set_aside WHERE source = %s",
+                (state.SOURCE,)):
+            out.setdefault((schema, table), set()).add(key)
+    return out
+
+
+def put(conn: psycopg.Connection, schema: str, table: str, key: str, op: str, image, e: psycopg.Error) -> None:
+    """Set the change aside (or replace the key's older one, keeping when it first waited)."""
+    text, record = (image.encode(), None) if isinstance(image, str) else (None, bytes(image))
+    conn.execute(
+        """INSERT INTO replication.set_aside AS a (source, schema_name, table_name, key, op, image, record,
+                  sqlstate, constraint_name, message)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+           ON CONFLICT (source, schema_name, table_name, key) DO UPDATE
+              SET op = EXCLUDED.op, image = EXCLUDED.image, record = EXCLUDED.record,
+                  sqlstate = EXCLUDED.sqlstate, constraint_name = EXCLUDED.constraint_name,
+                  message = EXCLUDED.message, tried_at = now(), attempts = a.attempts + 1""",
+        (state.SOURCE, schema, table, key, "D" if op == "D" else "U", text, record, e.sqlstate,
+         e.diag.constraint_name, e.diag.message_primary or str(e)))
+
+
+def clear(conn: psycopg.Connection, schema: str, table: str, key: str | None = None) -> None:
+    """A newer change of the key was accepted (or HQ truncated the table): nothing waits."""
+    conn.execute("DELETE FROM replication.set_aside WHERE source = %s AND schema_name = %s AND table_name = %s "
+                 "AND (%s::text IS NULL OR key = %s)", (state.SOURCE, schema, table, key, key))
+
+
+def stored(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str, str | None, bytes | None]]:
+    """(key, op, image text, record) of what waits for one table, oldest first."""
+    return [(key, op, image.decode() if image is not None else None, record) for key, op, image, record in conn.execute(
+        "SELECT key, op::text, image, record FROM replication.set_aside WHERE source = %s "
+        "AND schema_name = %s AND table_name = %s ORDER BY since, key", (state.SOURCE, schema, table))]
+
+
+def discard(conn: psycopg.Connection, qualified: str, key: str) -> int:
+    """Move one set-aside row to replication.discarded (who, when): the only way one goes
+    without being applied."""
+    from .config import parse_table_name
+    schema, table = parse_table_name(qualified)
+    return conn.execute(
+        """WITH gone AS (DELETE FROM replication.set_aside WHERE source = %s AND schema_name = %s
+                          AND table_name = %s AND key = %s RETURNING *)
+           INSERT INTO replication.discarded SELECT * FROM gone""", (state.SOURCE, schema, table, key)).rowcount

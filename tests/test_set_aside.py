@@ -1,0 +1,130 @@
+"""One bad row never stalls the stream: what the branch refuses is set aside, the rest goes on.
+
+The branch has constraints HQ does not (a CHECK, a UNIQUE, a NOT NULL); HQ's rows break
+them.  Each refused change waits in replication.set_aside with its reason, in the same
+transaction as the rest of its chunk; status names it; a newer image or the DBA's fix
+clears it; discarding one is recorded.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from harness import make_setup, replicator_cli
+
+HQ_SCHEMA = "CREATE TABLE items (id int PRIMARY KEY, name text, price numeric(12,2), code text);"
+BRANCH_SCHEMA = """
+CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, price numeric(12,2) CONSTRAINT cheap CHECK (price < 1000),
+                    code text CONSTRAINT one_code UNIQUE);
+"""
+CATALOGS = {"items": {"label": "Items", "default": True, "tables": ["public.items"]}}
+
+
+@pytest.fixture
+def world(tmp_path, hq, branch_a):
+    hq.execute(HQ_SCHEMA)
+    branch_a.execute(BRANCH_SCHEMA)
+    s = make_setup(tmp_path, hq, CATALOGS)
+    hq.execute("INSERT INTO items VALUES (1, 'first', 1, 'A')")
+    b = s.add_branch("aside", branch_a)
+    b.init()
+    return b
+
+
+def waiting(db) -> dict:
+    return {r[0]: r[1:] for r in db.execute(
+        "SELECT key, op::text, constraint_name, sqlstate, attempts FROM replication.set_aside ORDER BY key")}
+
+
+def ids(db) -> list[int]:
+    return [r[0] for r in db.execute("SELECT id FROM items ORDER BY id")]
+
+
+def test_refused_rows_are_set_aside_and_the_rest_of_the_chunk_applies(world, hq, branch_a):
+    b = world
+    hq.execute("""INSERT INTO items VALUES (2, 'expensive', 5000, 'B'),   -- breaks cheap
+                                           (3, 'copy', 3, 'A'),           -- breaks one_code
+                                           (4, NULL, 4, 'D'),             -- breaks NOT NULL
+                                           (5, 'fine', 5, 'E')""")
+    hq.execute("UPDATE items SET name = 'first!' WHERE id = 1")
+    r = b.cli("run", "--once")
+    assert r.returncode == 0, r.stderr
+    assert "3 set aside" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert ids(branch_a) == [1, 5]
+    assert branch_a.scalar("SELECT name FROM items WHERE id = 1") == "first!"
+    assert waiting(branch_a) == {"2": ("U", "cheap", "23514", 1), "3": ("U", "one_code", "23505", 1),
+                                 "4": ("U", None, "23502", 1)}
+    r = b.cli("status")
+    assert r.returncode == 1, r.stdout
+    assert "3 changes set aside" in r.stdout, r.stdout
+    assert 'public.items key 2: cheap: new row for relation "items" violates check constraint "cheap"' in r.stdout
+    assert "public.items key 3: one_code: duplicate key value violates unique constraint" in r.stdout
+    assert "catalogs are up to date" not in r.stdout
+    r = b.cli("verify")               # a refused row is a difference until it is applied or discarded
+    assert r.returncode == 1, r.stdout + r.stderr
+
+    # a newer image of a refused key that the branch accepts replaces it
+    hq.execute("UPDATE items SET price = 10 WHERE id = 2")
+    # a newer image that is refused too replaces the older one (order per key holds)
+    hq.execute("UPDATE items SET name = 'copy 2' WHERE id = 3")
+    r = b.cli("run", "--once")
+    assert r.returncode == 0, r.stderr
+    assert ids(branch_a) == [1, 2, 5]
+    # (each run also retried both at its start: attempts count every try)
+    assert waiting(branch_a) == {"3": ("U", "one_code", "23505", 3), "4": ("U", None, "23502", 2)}
+
+    # the DBA's fix: the next run retries and applies without being asked
+    branch_a.execute("ALTER TABLE items ALTER COLUMN name DROP NOT NULL")
+    r = b.cli("run", "--once")
+    assert r.returncode == 0 and "applied 1 set-aside changes on retry" in r.stderr, r.stderr
+    assert ids(branch_a) == [1, 2, 4, 5]
+
+    # discarding is deliberate and recorded; nothing else makes a refused row go
+    r = b.cli("aside", "list")
+    assert r.returncode == 1 and r.stdout.startswith("public.items key 3: one_code:"), r.stdout
+    r = b.cli("aside", "discard", "items", "3")
+    assert r.returncode == 0 and "discarded public.items key 3" in r.stdout, r.stdout + r.stderr
+    assert branch_a.execute("SELECT key, constraint_name, discarded_by IS NOT NULL FROM replication.discarded") == \
+        [("3", "one_code", True)]
+    r = b.cli("aside", "discard", "items", "3")
+    assert r.returncode == 2 and "nothing of public.items key 3 is set aside" in r.stderr, r.stderr
+    r = b.cli("status")
+    assert r.returncode == 0 and "catalogs are up to date" in r.stdout, r.stdout
+
+
+def test_a_failure_that_is_not_about_a_row_still_stops_with_one_line(world, hq, branch_a):
+    b = world
+    branch_a.execute("REVOKE UPDATE, INSERT ON items FROM PUBLIC")
+    branch_a.execute("ALTER TABLE items DROP COLUMN code")
+    hq.execute("INSERT INTO items VALUES (9, 'n', 1, 'Z')")
+    r = b.cli("run", "--once")
+    errors = [ln for ln in r.stderr.splitlines() if " INFO " not in ln]
+    assert r.returncode == 1 and len(errors) == 1, r.stderr
+    assert "column missing on the branch" in errors[0], errors
+    assert branch_a.scalar("SELECT count(*) FROM replication.set_aside") == 0
+
+
+def test_rows_set_aside_survive_a_sigkill_and_apply_after_the_fix(world, hq, branch_a):
+    b = world
+    hq.execute("INSERT INTO items SELECT i, 'n' || i, CASE WHEN i % 100 = 0 THEN 5000 ELSE 1 END, 'c' || i "
+               "FROM generate_series(10, 2009) i")
+    proc = b.popen("run", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while branch_a.scalar("SELECT count(*) FROM replication.set_aside") < 20:
+            assert time.monotonic() < deadline and proc.poll() is None, "rows set aside by the running replicator"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert branch_a.scalar("SELECT count(*) FROM items") == 1 + 2000 - 20       # set aside with their chunk
+    branch_a.execute("ALTER TABLE items DROP CONSTRAINT cheap")
+    r = b.cli("run", "--once")
+    assert r.returncode == 0 and "applied 20 set-aside changes on retry" in r.stderr, r.stderr
+    assert branch_a.scalar("SELECT count(*) FROM items") == 2001
+    assert b.cli("verify").returncode == 0
