@@ -230,7 +230,7 @@ def hq_add_branch(config_path: str, branch: str, params: tuple[str, ...], passwo
 @hq.command("status")
 @CONFIG
 def hq_status(config_path: str) -> None:
-    """Show every branch: last report, pending changes and lag.
+    """Show every branch: last report, pending changes, changes it set aside, lag.
 
     Example:
 
@@ -243,13 +243,13 @@ def hq_status(config_path: str) -> None:
     if not rows:
         click.echo("no branches registered; use `replicator hq add-branch`")
         return
-    click.echo(f"{'branch':<20} {'last report':<20} {'pending':>8}  lag")
+    click.echo(f"{'branch':<20} {'last report':<20} {'pending':>8} {'set aside':>9}  lag")
     for b in rows:
         seen = f"{b.acked_at:%Y-%m-%d %H:%M:%S}" if b.acked_at else "never"
         pending = "-" if b.pending is None else str(b.pending)
         lag = "-" if b.lag is None else f"{b.lag.total_seconds():.1f} s"
         flag = "" if b.active else " (inactive)"
-        click.echo(f"{b.name:<20} {seen:<20} {pending:>8}  {lag}{flag}")
+        click.echo(f"{b.name:<20} {seen:<20} {pending:>8} {b.set_aside:>9}  {lag}{flag}")
 
 
 @hq.command("deactivate")
@@ -356,7 +356,7 @@ def run(config_path: str, once: bool) -> None:
     """Replicate HQ changes to this branch until stopped (SIGTERM/Ctrl-C finish cleanly).
 
     Probes HQ's log every `poll_interval` (branch.yaml, default 250ms; one
-    indexed query), and every `idle_poll_interval` (default 1s) after 5 s
+    indexed query), and every `idle_poll_interval` (default 2s) after 5 s
     with nothing new for this branch. Problems found at start (config, password, schema,
     nothing listening) exit at once: 2 for configuration, 1 otherwise. Once
     running, a lost HQ or branch connection is logged once and retried

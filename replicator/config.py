@@ -408,7 +408,7 @@ class BranchConfig:
     target_dsn: str
     catalogs: list[str] | None          # None: HQ's default catalogs
     poll_interval: float = 0.25         # seconds between probes of HQ's log while changes flow
-    idle_poll_interval: float = 1.0     # ... and after IDLE_AFTER seconds with none for us (daemon.py)
+    idle_poll_interval: float = 2.0     # ... and after IDLE_AFTER seconds with none for us (daemon.py)
     batch_rows: int = 20000             # changes per apply transaction (bigger: more coalescing)
     lines: dict = field(default_factory=dict, repr=False)   # key -> line in the file
 
@@ -437,7 +437,7 @@ def load_branch(path: str | Path) -> BranchConfig:
         if len(set(catalogs)) != len(catalogs):
             raise root.error("catalogs", "a catalog is listed twice", catalogs)
     poll = _interval(root, "poll_interval", "250ms")
-    idle_poll = max(poll, _interval(root, "idle_poll_interval", "1s"))
+    idle_poll = max(poll, _interval(root, "idle_poll_interval", "2s"))
     batch = root.get("batch_rows", int, 20000)
     if batch < 1:
         raise root.error("batch_rows", "must be at least 1", batch)

@@ -42,11 +42,12 @@ LOCK_KEY = 0x7265706C  # 'repl': pg_advisory_lock(LOCK_KEY, 1) marks a running r
 LOCK_WAIT = 5.0          # seconds to wait for the run lock of a replicator that just died
 ACK_INTERVAL = 1.0       # seconds between position reports for empty windows
 IDLE_ADVANCE = 5.0       # seconds between position moves while the log holds nothing for us
+QUIET_ADVANCE = 30.0     # ... once the position was moved so since our last change
 # After this many seconds with nothing for us, probes come every idle_poll_interval instead
-# of every poll_interval: a probe costs HQ about as much as waking a backend at all (some
-# 0.2-0.3 ms of CPU on 2 cores), so an idle branch polling 4 times a second would cost HQ
-# over 1 ms/s; while changes flow, and for the first change after a quiet spell within
-# idle_poll_interval, branches are as quick as before.
+# of every poll_interval: a probe costs HQ about as much as waking a backend at all (0.2-0.3
+# ms of CPU on 2 cores, more with many branches), so an idle branch polling 4 times a second
+# would cost HQ over 1 ms/s; while changes flow branches are as quick as before, and the
+# first change after a quiet spell arrives within idle_poll_interval.
 IDLE_AFTER = 5.0
 
 
@@ -294,9 +295,11 @@ class Session:
         return self.cfg.idle_poll_interval
 
     def _advance(self, pos: state.Position, cur: str) -> None:
-        """Move the position over log that holds nothing for us, every IDLE_ADVANCE seconds
-        (so HQ can prune and `hq status` sees us), without reading the window again."""
-        if time.monotonic() - self.last_advance < IDLE_ADVANCE:
+        """Move the position over log that holds nothing for us (so HQ can prune and `hq
+        status` sees us), without reading the window again: IDLE_ADVANCE seconds after our
+        last change, then every QUIET_ADVANCE seconds (each move is a commit on HQ too)."""
+        every = QUIET_ADVANCE if self.last_advance > self.last_news + IDLE_ADVANCE else IDLE_ADVANCE
+        if time.monotonic() - self.last_advance < every:
             return
         self.check_horizon(pos)        # a pruned hole would also look empty
         with self.branch.transaction():
@@ -355,8 +358,9 @@ class Session:
             return
         self.last_ack = now
         try:
-            self.hq.execute("SELECT replication.ack(%s, %s::pg_snapshot, %s)",
-                            (self.cfg.branch, position, applied_until))
+            waiting = sum(len(k) for k in self.applier.waiting.values())
+            self.hq.execute("SELECT replication.ack(%s, %s::pg_snapshot, %s, %s)",
+                            (self.cfg.branch, position, applied_until, waiting))
         except psycopg.errors.InsufficientPrivilege as e:
             log.warning("HQ refused the position report: %s", e.diag.message_primary)
 

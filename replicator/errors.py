@@ -79,10 +79,6 @@ class SchemaMismatch(ReplicatorError):
         super().__init__(f"schema mismatch on {where}: {problem}")
 
 
-class CaptureMissing(ReplicatorError):
-    """HQ has no capture installed (or an older version than this tool needs)."""
-
-
 class NotInitialized(ReplicatorError):
     """The branch has no position yet: run `replicator init` first."""
 

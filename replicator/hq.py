@@ -288,13 +288,14 @@ class BranchStatus:
     applied_until: datetime | None
     pending: int | None          # logged changes not yet in its acked position
     lag: timedelta | None        # age of the oldest of those
+    set_aside: int = 0           # changes it refused and set aside, as last reported
 
 
 def status(conn: psycopg.Connection) -> list[BranchStatus]:
     db.require_version(conn, "hq", "HQ")
     rows = conn.execute(
         """SELECT b.name, b.role, b.params, b.active, b.acked_at, b.applied_until, p.pending,
-                  now() - p.oldest
+                  now() - p.oldest, b.set_aside
              FROM replication.branches b
              LEFT JOIN LATERAL (
                   SELECT coalesce(sum(coalesce(cardinality(l.rows), 1)), 0) AS pending, min(l.ts) AS oldest

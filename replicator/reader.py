@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Iterator
 
 import psycopg
@@ -24,17 +23,6 @@ from .errors import ReplicatorError
 from .schema import Table
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Change:
-    id: int
-    table_id: int
-    op: str          # I, U, D, T (a U that left this branch's filter arrives as D)
-    key: str | None  # text form of the primary key, to keep the last change per key
-    row: str | None  # jsonb text of the row image (NULL when it travels as a record)
-    ts: object
-    rec: bytes | None  # the image as a binary record in the branch's column order
 
 
 def current_snapshot(conn: psycopg.Connection) -> str:

@@ -176,7 +176,7 @@ def _status(pos: Pos, config_path=HQ_YAML) -> dict[str, list[str]]:
     r = pos.hq_cli("status", config_path=config_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["branch", "last", "report", "pending", "lag"]
+    assert lines[0].split() == ["branch", "last", "report", "pending", "set", "aside", "lag"]
     return {line.split()[0]: line.split()[1:] for line in lines[1:]}
 
 
@@ -210,9 +210,9 @@ def test_status_prune_and_a_branch_that_fell_behind(pos, branch_a, branch_b, tmp
     assert len(batch1) == 5 and len(batch2) == 45
 
     st = _status(pos)
-    assert st[a.name][2:4] == ["0", "-"]                      # date, time, pending, lag
-    assert st[b.name][2] == "45" and st[b.name][4] == "s"      # ... "45  3.2 s"
-    assert st[never.name] == ["never", "-", "-"]
+    assert st[a.name][2:5] == ["0", "0", "-"]                 # date, time, pending, set aside, lag
+    assert st[b.name][2:4] == ["45", "0"] and st[b.name][5] == "s"      # ... "45  0  3.2 s"
+    assert st[never.name] == ["never", "-", "0", "-"]
 
     # retention keeps everything young; without retention only what every active branch has goes
     assert _prune(pos, HQ_YAML).startswith("pruned 0 log rows")

@@ -57,6 +57,9 @@ def test_refused_rows_are_set_aside_and_the_rest_of_the_chunk_applies(world, hq,
     assert branch_a.scalar("SELECT name FROM items WHERE id = 1") == "first!"
     assert waiting(branch_a) == {"2": ("U", "cheap", "23514", 1), "3": ("U", "one_code", "23505", 1),
                                  "4": ("U", None, "23502", 1)}
+    r = replicator_cli("hq", "status", "-c", str(b.path.parent / "hq.yaml"))      # HQ sees it too
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("aside "))
+    assert r.returncode == 0 and line.split()[4] == "3", r.stdout
     r = b.cli("status")
     assert r.returncode == 1, r.stdout
     assert "3 changes set aside" in r.stdout, r.stdout
