@@ -192,12 +192,14 @@ class Applier:
                 stats.deletes += 1
             else:
                 stats.upserts += 1
+        if not waiting:
+            self.waiting.pop(tid, None)
 
     def retry_waiting(self) -> ApplyStats:
         """Apply what waits again (the caller holds the position lock): the DBA may have fixed
         the cause.  A row stored as a binary record of an older row type stays."""
         stats = ApplyStats()
-        for tid, keys in list(self.waiting.items()):
+        for tid in list(self.waiting):
             t = self.tables[tid]
             p = _Pending()
             for key, op, text, record in aside.stored(self.conn, t.schema, t.name):
@@ -207,8 +209,6 @@ class Applier:
             if p.last:
                 stats.tables.add(t.qualified)
                 self._key_by_key(tid, p, stats)
-            if not self.waiting.get(tid):
-                self.waiting.pop(tid, None)
         return stats
 
     def _set_based(self, tid: int, p: _Pending) -> None:

@@ -167,7 +167,7 @@ def restrict_rows(conn: psycopg.Connection, cfg: HQConfig) -> list[str]:
                 changed.append(table_display(schema, name))
             continue
         on_table, on_log = _render_restriction(conn, cfg, catalog, schema, name, text, exclude)
-        if _restrict_table(conn, tid, catalog, sql.Identifier(schema, name), on_table, before):
+        if _restrict_table(conn, tid, catalog, schema, name, on_table, before):
             changed.append(table_display(schema, name))
         arms.append(sql.SQL("WHEN {} THEN {}").format(sql.Literal(tid), on_log))
     _restrict_log(conn, arms)
@@ -200,15 +200,14 @@ def _render_restriction(conn, cfg: HQConfig, catalog: str, schema: str, name: st
     return on_table, on_log
 
 
-def _restrict_table(conn, tid: int, catalog: str, table: sql.Identifier, on_table: sql.Composable,
+def _restrict_table(conn, tid: int, catalog: str, schema: str, name: str, on_table: sql.Composable,
                     before: str | None) -> bool:
     """Store the predicate read_rows applies and take the catalog role's grants away;
     True when either changed (build_access re-grants only tables never restricted)."""
     after = on_table.as_string(conn)
     conn.execute("UPDATE replication.tables SET row_access = %s WHERE id = %s", (after, tid))
     role = conn.execute("SELECT replication.catalog_role(%s)", (catalog,)).fetchone()[0]
-    every = conn.execute("SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute WHERE attrelid = "
-                         "to_regclass(%s) AND attnum > 0 AND NOT attisdropped", (table.as_string(conn),)).fetchone()[0]
+    table, every = sql.Identifier(schema, name), list(hq_columns(conn, schema, name))
     granted = conn.execute("SELECT has_any_column_privilege(%s, to_regclass(%s), 'SELECT')",
                            (role, table.as_string(conn))).fetchone()[0]
     conn.execute(sql.SQL("REVOKE SELECT ON {} FROM {}").format(table, sql.Identifier(role)))
