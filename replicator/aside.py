@@ -67,16 +67,16 @@ def rows(conn: psycopg.Connection) -> list[AsideRow]:
         return []
     return [AsideRow(*r) for r in conn.execute(
         "SELECT schema_name, table_name, key, op::text, sqlstate, constraint_name, message, since, attempts "
-        "FROM replication.set_aside WHERE source = %s ORDER BY since, schema_name, table_name, key",
-        (state.SOURCE,))]
+        "FROM replication.set_aside WHERE stream = %s ORDER BY since, schema_name, table_name, key",
+        (state.CATALOGS,))]
 
 
 def keys_by_table(conn: psycopg.Connection) -> dict[tuple[str, str], set[str]]:
     out: dict[tuple[str, str], set[str]] = {}
     if has_table(conn):
         for schema, table, key in conn.execute(
-                "SELECT schema_name, table_name, key FROM replication.set_aside WHERE source = %s",
-                (state.SOURCE,)):
+                "SELECT schema_name, table_name, key FROM replication.set_aside WHERE stream = %s",
+                (state.CATALOGS,)):
             out.setdefault((schema, table), set()).add(key)
     return out
 
@@ -85,28 +85,28 @@ def put(conn: psycopg.Connection, schema: str, table: str, key: str, op: str, im
     """Set the change aside (or replace the key's older one, keeping when it first waited)."""
     text, record = (image.encode(), None) if isinstance(image, str) else (None, bytes(image))
     conn.execute(
-        """INSERT INTO replication.set_aside AS a (source, schema_name, table_name, key, op, image, record,
+        """INSERT INTO replication.set_aside AS a (stream, schema_name, table_name, key, op, image, record,
                   sqlstate, constraint_name, message)
            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-           ON CONFLICT (source, schema_name, table_name, key) DO UPDATE
+           ON CONFLICT (stream, schema_name, table_name, key) DO UPDATE
               SET op = EXCLUDED.op, image = EXCLUDED.image, record = EXCLUDED.record,
                   sqlstate = EXCLUDED.sqlstate, constraint_name = EXCLUDED.constraint_name,
                   message = EXCLUDED.message, tried_at = now(), attempts = a.attempts + 1""",
-        (state.SOURCE, schema, table, key, "D" if op == "D" else "U", text, record, e.sqlstate,
+        (state.CATALOGS, schema, table, key, "D" if op == "D" else "U", text, record, e.sqlstate,
          e.diag.constraint_name, e.diag.message_primary or str(e)))
 
 
 def clear(conn: psycopg.Connection, schema: str, table: str, key: str | None = None) -> None:
     """A newer change of the key was accepted (or HQ truncated the table): nothing waits."""
-    conn.execute("DELETE FROM replication.set_aside WHERE source = %s AND schema_name = %s AND table_name = %s "
-                 "AND (%s::text IS NULL OR key = %s)", (state.SOURCE, schema, table, key, key))
+    conn.execute("DELETE FROM replication.set_aside WHERE stream = %s AND schema_name = %s AND table_name = %s "
+                 "AND (%s::text IS NULL OR key = %s)", (state.CATALOGS, schema, table, key, key))
 
 
 def stored(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str, str | None, bytes | None]]:
     """(key, op, image text, record) of what waits for one table, oldest first."""
     return [(key, op, image.decode() if image is not None else None, record) for key, op, image, record in conn.execute(
-        "SELECT key, op::text, image, record FROM replication.set_aside WHERE source = %s "
-        "AND schema_name = %s AND table_name = %s ORDER BY since, key", (state.SOURCE, schema, table))]
+        "SELECT key, op::text, image, record FROM replication.set_aside WHERE stream = %s "
+        "AND schema_name = %s AND table_name = %s ORDER BY since, key", (state.CATALOGS, schema, table))]
 
 
 def discard(conn: psycopg.Connection, qualified: str, key: str) -> int:
@@ -115,6 +115,6 @@ def discard(conn: psycopg.Connection, qualified: str, key: str) -> int:
     from .config import parse_table_name
     schema, table = parse_table_name(qualified)
     return conn.execute(
-        """WITH gone AS (DELETE FROM replication.set_aside WHERE source = %s AND schema_name = %s
+        """WITH gone AS (DELETE FROM replication.set_aside WHERE stream = %s AND schema_name = %s
                           AND table_name = %s AND key = %s RETURNING *)
-           INSERT INTO replication.discarded SELECT * FROM gone""", (state.SOURCE, schema, table, key)).rowcount
+           INSERT INTO replication.discarded SELECT * FROM gone""", (state.CATALOGS, schema, table, key)).rowcount

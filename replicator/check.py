@@ -67,11 +67,11 @@ def _connect(dsn: str, side: str, rep: CheckReport):
 
 def _check_hq(cfg: BranchConfig, hq, branch, rep: CheckReport) -> None:
     try:
-        db.require_version(hq, "hq", "HQ")
+        db.require_version(hq, "capture", "HQ")
     except ReplicatorError as e:
         rep.problems.append(f"capture is not installed on HQ: {e}")
         return
-    versions = sorted(db.applied_versions(hq))
+    versions = sorted(db.applied_versions(hq, "capture"))
     rep.lines.append(f"capture installed on HQ: yes (replication schema version {versions[-1]})")
     try:
         params = branch_params(hq, cfg.branch, cfg)

@@ -132,7 +132,7 @@ DETACH = click.option("--detach", is_flag=True, help="Also stop capturing tables
 def hq_install(config_path: str, detach: bool) -> None:
     """Install or upgrade capture on HQ (idempotent).
 
-    Applies pending migrations from sql/hq, registers the catalogs of
+    Applies pending migrations from sql/capture, registers the catalogs of
     hq.yaml and attaches capture triggers to their tables. Running it again
     changes nothing; a table added to a catalog gets its trigger. A table
     hq.yaml no longer lists keeps its capture while branches are

@@ -90,7 +90,7 @@ class Session:
         self.hq.execute("SET work_mem = '64MB'")
         self.hq.execute("SET max_parallel_workers_per_gather = 0")
         self._lock()
-        db.require_version(self.hq, "hq", "HQ")
+        db.require_version(self.hq, "capture", "HQ")
         self.load()
 
     def close(self) -> None:

@@ -166,54 +166,85 @@ def _first_line(e: Exception) -> str:
 _HINT_LINES = ("Is the server", "This probably means", "before or while")
 
 
-def migrations(kind: str) -> list[tuple[int, str, str]]:
-    """The numbered SQL files for 'hq' or 'branch', in order: (version, name, text)."""
+SIDES = ("capture", "target")
+_HINTS = {"capture": "run `replicator hq install -c hq.yaml`", "target": "run `replicator init`"}
+
+
+def migrations(side: str) -> list[tuple[int, str, str]]:
+    """The numbered SQL files of one side ('capture' or 'target'), in order: (version, name, text)."""
     out = []
-    for path in sorted((SQL_DIR / kind).glob("*.sql")):
+    for path in sorted((SQL_DIR / side).glob("*.sql")):
         m = _MIGRATION_RE.match(path.name)
         if m:
             out.append((int(m.group(1)), m.group(2), path.read_text(encoding="utf-8")))
     return out
 
 
-def applied_versions(conn: psycopg.Connection, schema: str = "replication") -> set[int]:
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.versions",)).fetchone()[0]
-    if not exists:
+def versions_sql() -> str:
+    """The record of migrations, keyed by side; run before either side's migrations."""
+    return (SQL_DIR / "versions.sql").read_text(encoding="utf-8")
+
+
+def applied_versions(conn: psycopg.Connection, side: str) -> set[int]:
+    """Versions of one side recorded in this database (none if nothing is installed).  A
+    record from a release before sides existed has no side column: the side it belongs to
+    is told by what the database holds, as sql/versions.sql will record it."""
+    cols = {r[0] for r in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass('replication.versions') "
+        "AND attnum > 0 AND NOT attisdropped")}
+    if not cols:
         return set()
-    q = sql.SQL("SELECT version FROM {}.versions").format(sql.Identifier(schema))
-    return {r[0] for r in conn.execute(q)}
+    if "side" not in cols:
+        capture = conn.execute("SELECT to_regclass('replication.change_log') IS NOT NULL").fetchone()[0]
+        if (side == "capture") != capture:
+            return set()
+        return {r[0] for r in conn.execute("SELECT version FROM replication.versions")}
+    return {r[0] for r in conn.execute("SELECT version FROM replication.versions WHERE side = %s", (side,))}
 
 
-def migrate(conn: psycopg.Connection, kind: str) -> list[str]:
-    """Apply pending migrations, each in its own transaction; return their names."""
+def migrate(conn: psycopg.Connection, side: str) -> list[str]:
+    """Apply one side's pending migrations, each in its own transaction; return their names."""
     done = []
     with conn.transaction():
         # Serialize concurrent installers on the same database.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('replicator migrate'))")
-        have = applied_versions(conn)
-    for version, name, text in migrations(kind):
+        _require_other_side_current(conn, side)
+        conn.execute(versions_sql())
+        have = applied_versions(conn, side)
+    for version, name, text in migrations(side):
         if version in have:
             continue
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('replicator migrate'))")
-            if version in applied_versions(conn):
+            if version in applied_versions(conn, side):
                 continue
             conn.execute(text)
-            conn.execute("INSERT INTO replication.versions (version, name) VALUES (%s, %s)",
-                         (version, name))
-        log.info("applied %s migration %03d_%s", kind, version, name)
+            conn.execute("INSERT INTO replication.versions (side, version, name) VALUES (%s, %s, %s)",
+                         (side, version, name))
+        log.info("applied %s migration %03d_%s", side, version, name)
         done.append(f"{version:03d}_{name}")
     return done
 
 
-def require_version(conn: psycopg.Connection, kind: str, side: str) -> None:
+def _require_other_side_current(conn: psycopg.Connection, side: str) -> None:
+    """Both sides in one database need each other at this release: an older target side
+    still uses names capture's migrations create (replication.tables), so installing one
+    side beside an older other side would fail half-way.  Say which to upgrade first."""
+    other = SIDES[1 - SIDES.index(side)]
+    have = applied_versions(conn, other)
+    missing = {v for v, _, _ in migrations(other)} - have
+    if have and missing:
+        raise ReplicatorError(
+            f"this database also holds replication's {other} side from an older release "
+            f"(missing its migrations {sorted(missing)}); upgrade that side first: {_HINTS[other]}")
+
+
+def require_version(conn: psycopg.Connection, side: str, label: str) -> None:
     """Refuse to work against a database whose replication schema is older than us."""
-    want = {v for v, _, _ in migrations(kind)}
-    have = applied_versions(conn)
+    want = {v for v, _, _ in migrations(side)}
+    have = applied_versions(conn, side)
     if not have:
-        hint = "run `replicator hq install -c hq.yaml`" if kind == "hq" else "run `replicator init`"
-        raise ReplicatorError(f"{side} has no replication schema; {hint}")
+        raise ReplicatorError(f"{label} has no replication schema; {_HINTS[side]}")
     if want - have:
-        hint = "run `replicator hq install -c hq.yaml`" if kind == "hq" else "run `replicator init`"
-        raise ReplicatorError(f"{side} replication schema is out of date "
-                              f"(missing migrations {sorted(want - have)}); {hint}")
+        raise ReplicatorError(f"{label} replication schema is out of date "
+                              f"(missing migrations {sorted(want - have)}); {_HINTS[side]}")

@@ -7,7 +7,7 @@ once per statement, not per row)::
     CREATE TRIGGER replicator_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE
         ON public.items FOR EACH STATEMENT EXECUTE FUNCTION replication.guard('items')
 
-whose function (sql/branch/002_guard.sql) raises ``insufficient_privilege``:
+whose function (sql/target/002_guard.sql) raises ``insufficient_privilege``:
 "table public.items belongs to catalog items, which is replicated from HQ and
 read-only here; change it at HQ".  The replicator's own writes pass because
 init and apply run with ``session_replication_role = replica``, where
@@ -113,12 +113,12 @@ def _forget_unstreamed(conn: psycopg.Connection, tables: list[Table], config_ver
         if pos is None or (config_version is not None and pos.config_version != config_version):
             return                     # an init just ran: the caller reloads with the new selection
         gone = conn.execute(
-            """DELETE FROM replication.tables r
-                WHERE source = %s AND NOT EXISTS (
+            """DELETE FROM replication.target_tables r
+                WHERE stream = %s AND NOT EXISTS (
                       SELECT FROM unnest(%s::text[], %s::text[]) s(sch, tbl)
                        WHERE s.sch = r.schema_name AND s.tbl = r.table_name)
             RETURNING catalog, format('%%I.%%I', schema_name, table_name)""",
-            (state.SOURCE, [t.schema for t in tables], [t.name for t in tables])).fetchall()
+            (state.CATALOGS, [t.schema for t in tables], [t.name for t in tables])).fetchall()
     for cat in sorted({g[0] for g in gone}):
         log.warning("catalog %s is no longer selected: its tables (%s) stop receiving changes and count as "
                     "not initialized; selecting it again needs `replicator init %s`", cat,
@@ -145,8 +145,8 @@ def release(cfg: BranchConfig, catalogs: list[str]) -> list[Released]:
                     branch.execute(sql.SQL("DROP TRIGGER {} ON {}").format(
                         sql.Identifier(TRIGGER), sql.Identifier(schema, name)))
                 if state.has_schema(branch):
-                    branch.execute("DELETE FROM replication.tables WHERE source = %s AND catalog = %s",
-                                   (state.SOURCE, rel.catalog))
+                    branch.execute("DELETE FROM replication.target_tables WHERE stream = %s AND catalog = %s",
+                                   (state.CATALOGS, rel.catalog))
                 log.info("released catalog %s: %s", rel.catalog, ", ".join(rel.tables))
             if pos is not None:
                 state.bump_config(branch)     # a running `run` reloads its table set

@@ -86,7 +86,7 @@ def add_branch(conn: psycopg.Connection, cfg: HQConfig, branch: str, params: dic
                               ",".join(catalogs))
     if not 1 <= connection_limit <= 100:
         raise ConfigError("must be between 1 and 100", None, None, "--connection-limit", connection_limit)
-    db.require_version(conn, "hq", "HQ")
+    db.require_version(conn, "capture", "HQ")
     _check_params(conn, params)
     role = role_name(branch)
     generated = None
@@ -173,7 +173,7 @@ def deactivate(conn: psycopg.Connection, branch: str) -> Deactivation:
     """Stop a branch from holding HQ's log: prune no longer waits for it, its login cannot
     connect, and its open sessions are ended.  `hq add-branch` with its name brings it back
     (it then needs `replicator init --force` if the log was pruned past it)."""
-    db.require_version(conn, "hq", "HQ")
+    db.require_version(conn, "capture", "HQ")
     with conn.transaction():
         row = conn.execute("UPDATE replication.branches SET active = false WHERE name = %s RETURNING role",
                            (branch,)).fetchone()
@@ -292,7 +292,7 @@ class BranchStatus:
 
 
 def status(conn: psycopg.Connection) -> list[BranchStatus]:
-    db.require_version(conn, "hq", "HQ")
+    db.require_version(conn, "capture", "HQ")
     rows = conn.execute(
         """SELECT b.name, b.role, b.params, b.active, b.acked_at, b.applied_until, p.pending,
                   now() - p.oldest, b.set_aside
@@ -320,7 +320,7 @@ def prune(conn: psycopg.Connection, cfg: HQConfig, batch: int = 10000) -> PruneR
     long lock is held; the horizon records what is gone so a branch that
     still needed it is told to re-initialize instead of skipping a hole.
     """
-    db.require_version(conn, "hq", "HQ")
+    db.require_version(conn, "capture", "HQ")
     with conn.transaction():
         h = conn.execute(
             """SELECT least(

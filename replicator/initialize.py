@@ -91,7 +91,7 @@ def initialize(cfg: BranchConfig, named: list[str] | None = None, include_custom
     hq = db.connect(cfg.source_dsn, "HQ", autocommit=True, application=f"replicator init {cfg.branch}")
     branch = db.connect(cfg.target_dsn, "branch", autocommit=True, application=f"replicator init {cfg.branch}")
     try:
-        db.require_version(hq, "hq", "HQ")
+        db.require_version(hq, "capture", "HQ")
         offered = offered_catalogs(hq, cfg.branch)
         names = choose(cfg, offered, named or [], include_customers)
         params = branch_params(hq, cfg.branch, cfg)

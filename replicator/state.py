@@ -13,7 +13,7 @@ import psycopg
 from . import db
 from .config import table_display
 
-SOURCE = "hq"
+CATALOGS = "catalogs"   # the stream of catalogs from HQ: the key of its position, copy states and set-aside rows
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TableState:
 
 def ensure_schema(conn: psycopg.Connection) -> list[str]:
     """Create or upgrade the branch's replication schema."""
-    return db.migrate(conn, "branch")
+    return db.migrate(conn, "target")
 
 
 def has_schema(conn: psycopg.Connection) -> bool:
@@ -59,24 +59,24 @@ def load_position(conn: psycopg.Connection, lock: bool = False, schema_known: bo
     if not schema_known and not has_schema(conn):
         return None
     q = ("SELECT snapshot::text, window_snapshot::text, window_last_id, config_version, "
-         "applied_changes, applied_until, updated_at FROM replication.position WHERE source = %s")
+         "applied_changes, applied_until, updated_at FROM replication.position WHERE stream = %s")
     if lock:
         q += " FOR UPDATE"
-    row = conn.execute(q, (SOURCE,)).fetchone()
+    row = conn.execute(q, (CATALOGS,)).fetchone()
     return Position(*row) if row else None
 
 
 def save_position(conn: psycopg.Connection, pos: Position, applied: int = 0) -> None:
     conn.execute(
-        """INSERT INTO replication.position AS p (source, snapshot, window_snapshot, window_last_id,
+        """INSERT INTO replication.position AS p (stream, snapshot, window_snapshot, window_last_id,
                   config_version, applied_changes, applied_until, updated_at)
            VALUES (%s, %s::pg_snapshot, %s::pg_snapshot, %s, %s, %s, %s, now())
-           ON CONFLICT (source) DO UPDATE SET snapshot = EXCLUDED.snapshot,
+           ON CONFLICT (stream) DO UPDATE SET snapshot = EXCLUDED.snapshot,
                   window_snapshot = EXCLUDED.window_snapshot, window_last_id = EXCLUDED.window_last_id,
                   config_version = EXCLUDED.config_version,
                   applied_changes = p.applied_changes + %s,
                   applied_until = GREATEST(p.applied_until, EXCLUDED.applied_until), updated_at = now()""",
-        (SOURCE, pos.snapshot, pos.window_snapshot, pos.window_last_id, pos.config_version,
+        (CATALOGS, pos.snapshot, pos.window_snapshot, pos.window_last_id, pos.config_version,
          applied, pos.applied_until, applied))
 
 
@@ -85,23 +85,23 @@ def table_states(conn: psycopg.Connection) -> dict[str, TableState]:
         return {}
     rows = conn.execute(
         "SELECT schema_name, table_name, catalog, copy_snapshot::text, initialized_at, rows_copied "
-        "FROM replication.tables WHERE source = %s", (SOURCE,)).fetchall()
+        "FROM replication.target_tables WHERE stream = %s", (CATALOGS,)).fetchall()
     return {table_display(r[0], r[1]): TableState(*r) for r in rows}
 
 
 def mark_copied(conn: psycopg.Connection, schema: str, name: str, catalog: str,
                 snapshot: str, rows: int) -> None:
     conn.execute(
-        """INSERT INTO replication.tables (source, schema_name, table_name, catalog, copy_snapshot,
+        """INSERT INTO replication.target_tables (stream, schema_name, table_name, catalog, copy_snapshot,
                                            initialized_at, rows_copied)
            VALUES (%s, %s, %s, %s, %s::pg_snapshot, now(), %s)
-           ON CONFLICT (source, schema_name, table_name) DO UPDATE
+           ON CONFLICT (stream, schema_name, table_name) DO UPDATE
               SET catalog = EXCLUDED.catalog, copy_snapshot = EXCLUDED.copy_snapshot,
                   initialized_at = now(), rows_copied = EXCLUDED.rows_copied""",
-        (SOURCE, schema, name, catalog, snapshot, rows))
+        (CATALOGS, schema, name, catalog, snapshot, rows))
 
 
 def bump_config(conn: psycopg.Connection) -> None:
     """Tell a running apply loop that table states changed under it."""
-    conn.execute("UPDATE replication.position SET config_version = config_version + 1 WHERE source = %s",
-                 (SOURCE,))
+    conn.execute("UPDATE replication.position SET config_version = config_version + 1 WHERE stream = %s",
+                 (CATALOGS,))

@@ -51,7 +51,7 @@ def branch_status(cfg: BranchConfig) -> BranchStatus:
     hq = db.connect(cfg.source_dsn, "HQ", autocommit=True, application="replicator status")
     branch = db.connect(cfg.target_dsn, "branch", autocommit=True, application="replicator status")
     try:
-        db.require_version(hq, "hq", "HQ")
+        db.require_version(hq, "capture", "HQ")
         offered = offered_catalogs(hq, cfg.branch)
         names = select_catalogs(cfg, offered)
         tables = source_tables(hq, names)

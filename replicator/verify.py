@@ -263,7 +263,7 @@ class _Context:
                 pass
 
     def _load(self) -> None:
-        db.require_version(self.hq, "hq", "HQ")
+        db.require_version(self.hq, "capture", "HQ")
         if state.load_position(self.branch) is None:
             raise NotInitialized(f"branch {self.cfg.branch} has no position yet; run `replicator init -c "
                                  f"{self.cfg.path}` first")

@@ -9,7 +9,7 @@ ahead despite the problem would visibly change the branch.  Each case checks:
   column for schema, host and reason for connections);
 - exit code 2 for configuration, 1 for problems found at run time;
 - no Python traceback;
-- the branch tables, `replication.position` and `replication.tables` are
+- the branch tables, `replication.position` and `replication.target_tables` are
   byte-for-byte what they were before;
 - the distinctive password written into every DSN never appears in the output.
 """
@@ -70,7 +70,7 @@ class World:
         """Everything a bad command must leave alone on the branch."""
         with self.db.connect() as conn:
             return {t: [r[0] for r in conn.execute(f"SELECT t::text FROM {t} t ORDER BY 1")]
-                    for t in ("items", "stock", "stock_old", "replication.position", "replication.tables")
+                    for t in ("items", "stock", "stock_old", "replication.position", "replication.target_tables")
                     if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (t,)).fetchone()[0]}
 
 

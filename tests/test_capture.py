@@ -79,7 +79,10 @@ def _install_release_at(hq, version: int) -> None:
     """HQ as a release that shipped migrations up to `version` left it: those migrations and
     that release's registry calls (retire_others took two arguments before migration 006)."""
     from replicator import db
-    for v, name, text in db.migrations("hq"):
+    # releases then kept versions without a side (sql/versions.sql adds it on upgrade)
+    hq.execute("CREATE SCHEMA replication; CREATE TABLE replication.versions (version int PRIMARY KEY, "
+               "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+    for v, name, text in db.migrations("capture"):
         if v <= version:
             hq.execute(text)
             hq.execute("INSERT INTO replication.versions (version, name) VALUES (%s, %s)", (v, name))

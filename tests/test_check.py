@@ -34,7 +34,7 @@ def test_ready_branch_before_and_after_init(pos, branch_a):
     assert re.fullmatch(rf"HQ: +PostgreSQL 1\d\.\d+ at {role}@127\.0\.0\.1:{pos.hq.cluster.port}/{pos.hq.name}",
                         lines[1]), lines[1]
     assert re.fullmatch(rf"branch: PostgreSQL 1\d\.\d+ at postgres@127\.0\.0\.1:\d+/{b.db.name}", lines[2]), lines[2]
-    newest = max(version for version, _, _ in migrations("hq"))
+    newest = max(version for version, _, _ in migrations("capture"))
     assert lines[3] == f"capture installed on HQ: yes (replication schema version {newest})"
     assert lines[4] == f"branch {b.name} registered on HQ: yes (parameters: store_id=1)"
     assert lines[5] == "catalogs offered by HQ (* = selected):"

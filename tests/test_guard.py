@@ -118,7 +118,7 @@ def test_release_frees_a_deselected_catalog(setup, hq, branch_a):
     assert done.stdout.strip() == ("released kits: public.kit_parts, public.kits "
                                    "(writable here; no longer updated from HQ)")
     assert [g[0] for g in _guards(branch_a)] == ["items"]
-    assert branch_a.scalar("SELECT array_agg(table_name ORDER BY 1)::text FROM replication.tables") == "{items}"
+    assert branch_a.scalar("SELECT array_agg(table_name ORDER BY 1)::text FROM replication.target_tables") == "{items}"
     branch_a.execute("INSERT INTO kits VALUES (100, 'local kit')")          # writable again
     branch_a.execute("DELETE FROM kit_parts WHERE kit_id = 2")
     with branch_a.connect() as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -152,7 +152,7 @@ def test_deselected_catalog_needs_a_fresh_init_not_a_silent_gap(setup, hq, branc
     b.init()
     _set_catalogs(b, ["items"])
     b.run_once()                # kits no longer streamed: its copy goes stale, its init is forgotten
-    assert branch_a.scalar("SELECT array_agg(table_name ORDER BY 1)::text FROM replication.tables") == "{items}"
+    assert branch_a.scalar("SELECT array_agg(table_name ORDER BY 1)::text FROM replication.target_tables") == "{items}"
     assert [g[0] for g in _guards(branch_a)] == ["items", "kit_parts", "kits"]    # read-only until release
     hq.execute("UPDATE kits SET name = 'missed ' || id")
     hq.execute("INSERT INTO items VALUES (77, 'seventy-seven', 7)")

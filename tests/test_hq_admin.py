@@ -29,7 +29,7 @@ def _registry(db) -> list:
         db.execute("SELECT * FROM replication.catalogs ORDER BY name"),
         db.execute("SELECT id, catalog, schema_name, table_name, key_columns, filter, exclude_columns, active, "
                    "signature, capture_since IS NOT NULL, row_access FROM replication.tables ORDER BY id"),
-        db.execute("SELECT version, name FROM replication.versions ORDER BY 1"),
+        db.execute("SELECT side, version, name FROM replication.versions ORDER BY 1, 2"),
         db.execute("SELECT tgrelid::regclass::text, tgname, tgfoid::regproc::text, tgtype FROM pg_trigger "
                    "WHERE tgname LIKE 'replicator%' ORDER BY 1, 2"),
         db.execute("SELECT proname, prosecdef, md5(prosrc), proacl::text FROM pg_proc "

@@ -201,7 +201,7 @@ def test_sigkill_during_init_then_rerun_finishes_the_job(setup, hq, branch_a):
     assert 0 < copied < 300_000, copied
 
     # The committed catalog is done, the interrupted one is as it was.
-    states = dict(branch_a.execute("SELECT table_name, rows_copied FROM replication.tables"))
+    states = dict(branch_a.execute("SELECT table_name, rows_copied FROM replication.target_tables"))
     assert states == {"counters": 200}
     assert table_rows(branch_a, "items") == ["(-1,\"old branch row\",0.00,\"\")"]
 
@@ -247,7 +247,7 @@ def test_force_refusal_text_and_exit_code(setup, hq, branch_a):
     first = b.cli("init")
     assert first.returncode == 0, first.stderr
     since = {r[0]: r[1] for r in branch_a.connect().execute(
-        "SELECT catalog, min(initialized_at) FROM replication.tables GROUP BY 1")}
+        "SELECT catalog, min(initialized_at) FROM replication.target_tables GROUP BY 1")}
 
     refused = b.cli("init")
     assert refused.returncode == 2

@@ -8,11 +8,7 @@
 
 CREATE SCHEMA IF NOT EXISTS replication;
 
-CREATE TABLE IF NOT EXISTS replication.versions (
-    version    int PRIMARY KEY,
-    name       text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
-);
+-- replication.versions, the record of migrations, is created by sql/versions.sql.
 
 -- One row per change of a captured table.  A reader selects rows by the
 -- writing transaction's id (xid) against snapshots, never by "id > last id":

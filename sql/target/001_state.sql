@@ -6,11 +6,7 @@
 
 CREATE SCHEMA IF NOT EXISTS replication;
 
-CREATE TABLE IF NOT EXISTS replication.versions (
-    version    int PRIMARY KEY,
-    name       text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
-);
+-- replication.versions, the record of migrations, is created by sql/versions.sql.
 
 CREATE TABLE replication.position (
     source          text PRIMARY KEY,          -- 'hq' for the catalog flow
@@ -23,7 +19,7 @@ CREATE TABLE replication.position (
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE TABLE replication.tables (
+CREATE TABLE replication.target_tables (
     source         text NOT NULL DEFAULT 'hq',
     schema_name    name NOT NULL,
     table_name     name NOT NULL,
