@@ -95,10 +95,11 @@ class Batch:
 
 
 class Applier:
-    """Prepared statements per table for one branch connection."""
+    """Prepared statements per table for one target connection and stream."""
 
-    def __init__(self, conn: psycopg.Connection, tables: list[Table]):
+    def __init__(self, conn: psycopg.Connection, stream: str, tables: list[Table]):
         self.conn = conn
+        self.stream = stream
         self.tables = {t.id: t for t in tables}
         self.sql = {t.id: _statements(t) for t in tables}
         self.payload = {t.id: _record_array(t.record_type) if t.record_type else _json_array for t in tables}
@@ -106,7 +107,7 @@ class Applier:
         self.waiting: dict[int, set[str]] = {}     # table id -> keys set aside (load_waiting)
 
     def load_waiting(self) -> None:
-        have = aside.keys_by_table(self.conn)
+        have = aside.keys_by_table(self.conn, self.stream)
         self.waiting = {tid: have[(t.schema, t.name)] for tid, t in self.tables.items() if (t.schema, t.name) in have}
 
     def prepare_session(self) -> None:
@@ -149,7 +150,7 @@ class Applier:
             self.conn.execute(stmts["truncate"])
             stats.truncates += 1
             if self.waiting.pop(tid, None):       # HQ emptied the table: nothing of it waits
-                aside.clear(self.conn, t.schema, t.name)
+                aside.clear(self.conn, self.stream, t.schema, t.name)
         waiting = self.waiting.get(tid)
         if waiting and not waiting.isdisjoint(p.last):
             self._key_by_key(tid, p, stats)
@@ -179,13 +180,13 @@ class Applier:
             except psycopg.Error as e:
                 if not aside.about_one_row(e):
                     raise
-                aside.put(self.conn, t.schema, t.name, key, op, row, e)
+                aside.put(self.conn, self.stream, t.schema, t.name, key, op, row, e)
                 waiting.add(key)
                 stats.set_aside += 1
                 log.warning("%s key %s set aside: %s", t.qualified, key, e.diag.message_primary)
                 continue
             if key in waiting:
-                aside.clear(self.conn, t.schema, t.name, key)
+                aside.clear(self.conn, self.stream, t.schema, t.name, key)
                 waiting.discard(key)
                 stats.cleared += 1
             if op == "D":
@@ -202,7 +203,7 @@ class Applier:
         for tid in list(self.waiting):
             t = self.tables[tid]
             p = _Pending()
-            for key, op, text, record in aside.stored(self.conn, t.schema, t.name):
+            for key, op, text, record in aside.stored(self.conn, self.stream, t.schema, t.name):
                 if (record is not None) != bool(t.record_type):
                     continue        # the table's form changed since; verify --repair, then discard
                 p.last[key] = (op, text if text is not None else record)

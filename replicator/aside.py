@@ -19,7 +19,6 @@ from datetime import datetime
 
 import psycopg
 
-from . import state
 from .config import table_display
 
 log = logging.getLogger(__name__)
@@ -62,26 +61,26 @@ def has_table(conn: psycopg.Connection) -> bool:
     return conn.execute("SELECT to_regclass('replication.set_aside') IS NOT NULL").fetchone()[0]
 
 
-def rows(conn: psycopg.Connection) -> list[AsideRow]:
+def rows(conn: psycopg.Connection, stream: str) -> list[AsideRow]:
     if not has_table(conn):
         return []
     return [AsideRow(*r) for r in conn.execute(
         "SELECT schema_name, table_name, key, op::text, sqlstate, constraint_name, message, since, attempts "
         "FROM replication.set_aside WHERE stream = %s ORDER BY since, schema_name, table_name, key",
-        (state.CATALOGS,))]
+        (stream,))]
 
 
-def keys_by_table(conn: psycopg.Connection) -> dict[tuple[str, str], set[str]]:
+def keys_by_table(conn: psycopg.Connection, stream: str) -> dict[tuple[str, str], set[str]]:
     out: dict[tuple[str, str], set[str]] = {}
     if has_table(conn):
         for schema, table, key in conn.execute(
                 "SELECT schema_name, table_name, key FROM replication.set_aside WHERE stream = %s",
-                (state.CATALOGS,)):
+                (stream,)):
             out.setdefault((schema, table), set()).add(key)
     return out
 
 
-def put(conn: psycopg.Connection, schema: str, table: str, key: str, op: str, image, e: psycopg.Error) -> None:
+def put(conn: psycopg.Connection, stream: str, schema: str, table: str, key: str, op: str, image, e: psycopg.Error) -> None:
     """Set the change aside (or replace the key's older one, keeping when it first waited)."""
     text, record = (image.encode(), None) if isinstance(image, str) else (None, bytes(image))
     conn.execute(
@@ -92,24 +91,24 @@ def put(conn: psycopg.Connection, schema: str, table: str, key: str, op: str, im
               SET op = EXCLUDED.op, image = EXCLUDED.image, record = EXCLUDED.record,
                   sqlstate = EXCLUDED.sqlstate, constraint_name = EXCLUDED.constraint_name,
                   message = EXCLUDED.message, tried_at = now(), attempts = a.attempts + 1""",
-        (state.CATALOGS, schema, table, key, "D" if op == "D" else "U", text, record, e.sqlstate,
+        (stream, schema, table, key, "D" if op == "D" else "U", text, record, e.sqlstate,
          e.diag.constraint_name, e.diag.message_primary or str(e)))
 
 
-def clear(conn: psycopg.Connection, schema: str, table: str, key: str | None = None) -> None:
+def clear(conn: psycopg.Connection, stream: str, schema: str, table: str, key: str | None = None) -> None:
     """A newer change of the key was accepted (or HQ truncated the table): nothing waits."""
     conn.execute("DELETE FROM replication.set_aside WHERE stream = %s AND schema_name = %s AND table_name = %s "
-                 "AND (%s::text IS NULL OR key = %s)", (state.CATALOGS, schema, table, key, key))
+                 "AND (%s::text IS NULL OR key = %s)", (stream, schema, table, key, key))
 
 
-def stored(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str, str | None, bytes | None]]:
+def stored(conn: psycopg.Connection, stream: str, schema: str, table: str) -> list[tuple[str, str, str | None, bytes | None]]:
     """(key, op, image text, record) of what waits for one table, oldest first."""
     return [(key, op, image.decode() if image is not None else None, record) for key, op, image, record in conn.execute(
         "SELECT key, op::text, image, record FROM replication.set_aside WHERE stream = %s "
-        "AND schema_name = %s AND table_name = %s ORDER BY since, key", (state.CATALOGS, schema, table))]
+        "AND schema_name = %s AND table_name = %s ORDER BY since, key", (stream, schema, table))]
 
 
-def discard(conn: psycopg.Connection, qualified: str, key: str) -> int:
+def discard(conn: psycopg.Connection, stream: str, qualified: str, key: str) -> int:
     """Move one set-aside row to replication.discarded (who, when): the only way one goes
     without being applied."""
     from .config import parse_table_name
@@ -117,4 +116,4 @@ def discard(conn: psycopg.Connection, qualified: str, key: str) -> int:
     return conn.execute(
         """WITH gone AS (DELETE FROM replication.set_aside WHERE stream = %s AND schema_name = %s
                           AND table_name = %s AND key = %s RETURNING *)
-           INSERT INTO replication.discarded SELECT * FROM gone""", (state.CATALOGS, schema, table, key)).rowcount
+           INSERT INTO replication.discarded SELECT * FROM gone""", (stream, schema, table, key)).rowcount

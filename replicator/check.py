@@ -18,6 +18,7 @@ from .config import BranchConfig
 from .errors import PositionLost, ReplicatorError, UnknownCatalog
 from .schema import (Table, bind_target, branch_params, columns_of, offered_catalogs, select_catalogs,
                      source_tables)
+from .stream import CATALOGS
 
 
 @dataclass
@@ -126,11 +127,16 @@ def _check_access(hq, tables: list[Table], rep: CheckReport) -> None:
 
 
 def _check_initialized(cfg: BranchConfig, hq, branch, tables: list[Table], rep: CheckReport) -> None:
-    pos = state.load_position(branch)
+    try:
+        state.require_current(branch)
+    except ReplicatorError as e:
+        rep.problems.append(str(e))
+        return
+    pos = state.load_position(branch, CATALOGS)
     if pos is None:
         rep.lines.append("branch initialized: no (next step: `replicator init`)")
         return
-    states = state.table_states(branch)
+    states = state.table_states(branch, CATALOGS)
     done = sorted({states[t.qualified].catalog for t in tables
                    if t.qualified in states and states[t.qualified].initialized_at})
     rep.lines.append(f"branch initialized: yes (catalogs copied: {', '.join(done) or 'none'})")

@@ -427,10 +427,12 @@ def aside_list(config_path: str) -> None:
         replicator aside list -c branch.yaml
     """
     from . import aside as aside_mod
-    from . import db
+    from . import db, state
+    from .stream import CATALOGS
     cfg = config_mod.load_branch(config_path)
     with db.connect(cfg.target_dsn, "branch", autocommit=True, application="replicator aside") as conn:
-        rows = aside_mod.rows(conn)
+        state.require_current(conn)
+        rows = aside_mod.rows(conn, CATALOGS)
     for row in rows:
         click.echo(row.line())
     if not rows:
@@ -476,15 +478,17 @@ def aside_discard(config_path: str, table: str, key: str) -> None:
     from . import aside as aside_mod
     from . import db, state
     from .config import qualify
+    from .stream import CATALOGS
     cfg = config_mod.load_branch(config_path)
     try:
         table = qualify(table)
     except ValueError as e:
         raise ConfigError(str(e), None, None, "TABLE", table) from None
     with db.connect(cfg.target_dsn, "branch", autocommit=True, application="replicator aside") as conn:
+        state.require_current(conn)
         with conn.transaction():
-            state.load_position(conn, lock=True)        # not while run applies
-            gone = aside_mod.discard(conn, table, key) if aside_mod.has_table(conn) else 0
+            state.load_position(conn, CATALOGS, lock=True)        # not while run applies
+            gone = aside_mod.discard(conn, CATALOGS, table, key) if aside_mod.has_table(conn) else 0
     if not gone:
         raise ConfigError(f"nothing of {table} key {key} is set aside (see `replicator aside list`)")
     click.echo(f"discarded {table} key {key} (recorded in replication.discarded)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -28,17 +29,16 @@ import psycopg
 from psycopg import sql
 
 from . import config as config_mod
-from . import aside, db, guard, state
+from . import aside, db, guard, locks, state
+from . import stream as stream_mod
 from .apply import Applier, Batch
 from .config import BranchConfig
 from .errors import ApplyFailed, ConnectionFailed, LockHeld, NotInitialized, PositionLost, ReplicatorError
 from .reader import LogReader, Prefetch, covers, current_snapshot
-from .schema import (bind_target, branch_params, capture_gap_error, capture_gaps, offered_catalogs,
-                     select_catalogs, source_tables)
+from .schema import bind_target, capture_gap_error, capture_gaps, offered_catalogs, select_catalogs
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = 0x7265706C  # 'repl': pg_advisory_lock(LOCK_KEY, 1) marks a running replicator
 LOCK_WAIT = 5.0          # seconds to wait for the run lock of a replicator that just died
 ACK_INTERVAL = 1.0       # seconds between position reports for empty windows
 IDLE_ADVANCE = 5.0       # seconds between position moves while the log holds nothing for us
@@ -62,12 +62,14 @@ class _Rebind(_Reload):
 
 
 class Session:
-    """Connections, lock, table set, reader and applier for one branch."""
+    """Connections, lock, table set, reader and applier for one stream."""
 
     def __init__(self, cfg: BranchConfig, app: str = "replicator run"):
         self.cfg = cfg
+        self.stream = stream_mod.catalogs(cfg)
         self.app = f"{app} {cfg.branch} pid {os.getpid()}"
-        self.hq = self.branch = None
+        self.ends = stream_mod.Ends(self.stream, self.app)
+        self.source = self.target = None
         self.tables = []
         self.config_version = 0
         self.last_ack = 0.0
@@ -79,70 +81,61 @@ class Session:
 
     # ---------------------------------------------------------- connect
     def open(self) -> None:
-        self.hq = db.connect(self.cfg.source_dsn, "HQ", autocommit=True, application=self.app)
-        self.branch = db.connect(self.cfg.target_dsn, "branch", autocommit=True, application=self.app)
-        for conn in (self.hq, self.branch):
+        self.ends.__enter__()
+        self.source, self.target = self.ends.source, self.ends.target
+        for conn in (self.source, self.target):
             # Window reads and set-based applies are short, repeated statements whose
             # planner cost on big logs/batches trips JIT: compiling costs more than it saves.
             conn.execute("SET jit = off")
         # A window sorts (id, ctid) pairs: 1M of them fit in 64 MB, the default 4 MB spills.
         # Parallel workers would cost each of many branches' polls a few ms to start.
-        self.hq.execute("SET work_mem = '64MB'")
-        self.hq.execute("SET max_parallel_workers_per_gather = 0")
+        self.source.execute("SET work_mem = '64MB'")
+        self.source.execute("SET max_parallel_workers_per_gather = 0")
         self._lock()
-        db.require_version(self.hq, "capture", "HQ")
+        stream_mod.require_capture(self.source, self.stream)
+        if state.has_schema(self.target):
+            state.ensure_schema(self.target)    # a target from an older release: its migrations first
         self.load()
 
     def close(self) -> None:
-        for conn in (self.hq, self.branch):
-            if conn is not None:
-                try:
-                    conn.close()
-                except Exception:  # closing a broken connection must not mask the real error
-                    pass
-        self.hq = self.branch = None
+        self.ends.close()
+        self.source = self.target = None
 
     def _lock(self) -> None:
-        """One run per branch database.  A replicator killed a moment ago may still hold
+        """One run per stream and target.  A replicator killed a moment ago may still hold
         the lock until its backend notices (end of its current statement): wait a little
         before calling the holder a live process, so a supervisor's restart just works."""
         deadline = time.monotonic() + LOCK_WAIT
-        while not self.branch.execute("SELECT pg_try_advisory_lock(%s, 1)", (LOCK_KEY,)).fetchone()[0]:
+        while not locks.try_run(self.target, self.stream.name):
             if time.monotonic() >= deadline:
                 self._lock_held()
             time.sleep(0.25)
 
     def _lock_held(self) -> None:
-        holder = self.branch.execute(
-            """SELECT a.pid, a.application_name, coalesce(a.client_addr::text, 'local'), a.backend_start
-                 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = 1 AND l.granted
-                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
-            (LOCK_KEY,)).fetchone()
+        holder = locks.run_holder(self.target, self.stream.name)
         who = (f"'{holder[1]}' (backend pid {holder[0]}, from {holder[2]}, since "
                f"{holder[3]:%Y-%m-%d %H:%M:%S})") if holder else "another process"
-        raise LockHeld(f"another replicator is already working on this branch database: {who}; "
-                       "stop it first (one `replicator run` per branch)")
+        raise LockHeld(f"another replicator is already working on this {self.stream.target_label} database: "
+                       f"{who}; stop it first (one `replicator run` per {self.stream.target_label})")
 
     # ------------------------------------------------------------- load
     def load(self) -> None:
-        """Resolve the selection against HQ and bind it to the branch tables."""
-        pos = state.load_position(self.branch)
+        """Resolve the selection against the source and bind it to the target tables."""
+        pos = state.load_position(self.target, self.stream.name)
         if pos is not None and getattr(self, "reader", None) is not None \
                 and pos.config_version != self.config_version:
             self._reread_selection()
-        offered = offered_catalogs(self.hq, self.cfg.branch)
-        names = select_catalogs(self.cfg, offered)      # a bad selection is a config error first
         if pos is None:
+            # a bad selection is a config error first
+            select_catalogs(self.cfg, offered_catalogs(self.source, self.stream.member))
             raise NotInitialized(f"branch {self.cfg.branch} has no position yet; run `replicator init -c "
                                  f"{self.cfg.path}` first")
-        params = branch_params(self.hq, self.cfg.branch, self.cfg)
-        tables = source_tables(self.hq, names)
-        bind_target(self.branch, tables)
-        state.ensure_schema(self.branch)        # a branch from an older release (set-aside rows: 003)
-        guard.sync(self.branch, tables, self.cfg.path, pos.config_version)   # read-only tables, stale state
-        states = state.table_states(self.branch)
-        gaps = capture_gaps(self.hq, tables, states)
+        sel = stream_mod.resolve(self.source, self.stream, self.cfg)
+        tables = sel.tables
+        bind_target(self.target, tables)
+        guard.sync(self.target, self.stream.name, tables, self.cfg.path, pos.config_version)
+        states = state.table_states(self.target, self.stream.name)
+        gaps = capture_gaps(self.source, tables, states)
         if gaps:
             raise capture_gap_error(gaps)
         skip = {}
@@ -151,16 +144,17 @@ class Session:
             if st is None or st.initialized_at is None:
                 log.warning("catalog %s (%s) was never initialized: only changes from now on are "
                             "replicated; run `replicator init %s` for a full copy", t.catalog, t.qualified, t.catalog)
-            elif st.copy_snapshot and not covers(self.hq, pos.snapshot, st.copy_snapshot):
+            elif st.copy_snapshot and not covers(self.source, pos.snapshot, st.copy_snapshot):
                 skip[t.id] = st.copy_snapshot
         self.tables = tables
         self.shape = self._shape()
-        self.reader = LogReader(tables, params, skip, self.cfg.batch_rows)
-        self.applier = Applier(self.branch, tables)
+        self.reader = LogReader(tables, sel.params, skip, self.cfg.batch_rows)
+        self.applier = Applier(self.target, self.stream.name, tables)
         self.applier.prepare_session()
         self.applier.load_waiting()
         self.config_version = pos.config_version
-        log.info("branch %s: replicating %d tables of catalogs %s", self.cfg.branch, len(tables), ", ".join(names))
+        log.info("branch %s: replicating %d tables of catalogs %s", self.cfg.branch, len(tables),
+                 ", ".join(sel.names))
         self.retry_waiting()
 
     def retry_waiting(self) -> None:
@@ -169,8 +163,8 @@ class Session:
         self.last_retry = time.monotonic()
         if not self.applier.waiting:
             return
-        with self.branch.transaction():
-            state.load_position(self.branch, lock=True, schema_known=True)   # one apply at a time
+        with self.target.transaction():
+            state.load_position(self.target, self.stream.name, lock=True, schema_known=True)   # one apply at a time
             stats = self.applier.retry_waiting()
         left = sum(len(k) for k in self.applier.waiting.values())
         if stats.cleared:
@@ -181,16 +175,16 @@ class Session:
     def _shape(self) -> list[str]:
         """The branch tables' column rows as of now: any ALTER of a column rewrites its
         pg_attribute row, so a different xmin means "bind again"."""
-        return self.branch.execute(
+        return self.target.execute(
             "SELECT coalesce(array_agg(a.attrelid::text || '.' || a.attnum || '.' || a.xmin::text "
             "ORDER BY a.attrelid, a.attnum), '{}') FROM pg_attribute a "
             "WHERE a.attrelid = ANY (%s::regclass[]) AND a.attnum > 0",
-            ([t.ident.as_string(self.branch) for t in self.tables],)).fetchone()[0]
+            ([t.ident.as_string(self.target) for t in self.tables],)).fetchone()[0]
 
     def _check_shape(self) -> None:
         """Inside the apply transaction, with the tables locked (an ALTER waits for us or we
         for it), so what is checked is what is written to."""
-        self.branch.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(
+        self.target.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(
             sql.SQL(", ").join(t.ident for t in self.tables)))
         if self._shape() != self.shape:
             raise _Rebind()
@@ -209,7 +203,7 @@ class Session:
 
     # ------------------------------------------------------------- work
     def check_horizon(self, pos: state.Position) -> None:
-        row = self.hq.execute(
+        row = self.source.execute(
             "SELECT pruned_below > pg_snapshot_xmin(%s::pg_snapshot), pruned_below::text FROM replication.horizon",
             (pos.snapshot,)).fetchone()
         if row and row[0]:
@@ -217,7 +211,7 @@ class Session:
 
     def step(self, target: str | None = None) -> int:
         """Apply one window (up to `target`, or to HQ's current snapshot). Returns changes applied."""
-        pos = state.load_position(self.branch, schema_known=True)
+        pos = state.load_position(self.target, self.stream.name, schema_known=True)
         if pos.config_version != self.config_version:
             self.load()
         if pos.window_snapshot:
@@ -236,7 +230,7 @@ class Session:
                 return 0
         self.check_horizon(pos)
         applied, finished, newest, carry = 0, False, None, []
-        with Prefetch(self.reader.window(self.hq, pos.snapshot, cur, after),
+        with Prefetch(self.reader.window(self.source, pos.snapshot, cur, after),
                       transform=self.applier.reduce) as batches:
             for batch in batches:
                 rows = batch.rows
@@ -276,7 +270,7 @@ class Session:
         everything other tables logged since its position last moved.
         """
         since = self.probed if self.probed_from == pos.snapshot else pos.snapshot
-        cur, news = self.reader.probe(self.hq, since)
+        cur, news = self.reader.probe(self.source, since)
         if news:
             self.last_news = time.monotonic()
         else:
@@ -302,12 +296,12 @@ class Session:
         if time.monotonic() - self.last_advance < every:
             return
         self.check_horizon(pos)        # a pruned hole would also look empty
-        with self.branch.transaction():
-            locked = state.load_position(self.branch, lock=True, schema_known=True)
+        with self.target.transaction():
+            locked = state.load_position(self.target, self.stream.name, lock=True, schema_known=True)
             if locked.config_version != self.config_version or locked.snapshot != pos.snapshot \
                     or locked.window_snapshot:
                 raise _Reload()
-            state.save_position(self.branch, state.Position(snapshot=cur, window_snapshot=None, window_last_id=0,
+            state.save_position(self.target, self.stream.name, state.Position(snapshot=cur, window_snapshot=None, window_last_id=0,
                                                             config_version=self.config_version,
                                                             applied_until=None), applied=0)
         self.last_advance = time.monotonic()
@@ -316,8 +310,8 @@ class Session:
     def _apply(self, pos: state.Position, cur: str, batch: Batch, done: bool) -> int:
         start = time.monotonic()
         rows = batch.rows
-        with self.branch.transaction():
-            locked = state.load_position(self.branch, lock=True, schema_known=True)
+        with self.target.transaction():
+            locked = state.load_position(self.target, self.stream.name, lock=True, schema_known=True)
             if locked.config_version != self.config_version or locked.snapshot != pos.snapshot:
                 raise _Reload()
             if rows:
@@ -336,7 +330,7 @@ class Session:
                                  window_snapshot=None if done else cur,
                                  window_last_id=0 if done else last_id,
                                  config_version=self.config_version, applied_until=newest)
-            state.save_position(self.branch, new, applied=len(rows))
+            state.save_position(self.target, self.stream.name, new, applied=len(rows))
         if stats:
             lag = (datetime.now(timezone.utc) - newest).total_seconds() if newest else 0.0
             log.info("applied %d changes to %s through log id %d in %.0f ms; lag %.1f s%s",
@@ -359,7 +353,7 @@ class Session:
         self.last_ack = now
         try:
             waiting = sum(len(k) for k in self.applier.waiting.values())
-            self.hq.execute("SELECT replication.ack(%s, %s::pg_snapshot, %s, %s)",
+            self.source.execute("SELECT replication.ack(%s, %s::pg_snapshot, %s, %s)",
                             (self.cfg.branch, position, applied_until, waiting))
         except psycopg.errors.InsufficientPrivilege as e:
             log.warning("HQ refused the position report: %s", e.diag.message_primary)
@@ -376,10 +370,10 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
     try:
         # A problem at start (config, password, schema, HQ unreachable) is an error, not an outage.
         session.open()
-        target = current_snapshot(session.hq) if once else None
+        target = current_snapshot(session.source) if once else None
         while not stop.is_set():
             try:
-                if session.hq is None:
+                if session.source is None:
                     session.open()
                     log.info("reconnected after %.1f s; resuming", time.monotonic() - outage_since)
                     outage_since = None
@@ -420,8 +414,8 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
 
 
 def _caught_up(session: Session, target: str) -> bool:
-    pos = state.load_position(session.branch, schema_known=True)
-    return pos.window_snapshot is None and covers(session.hq, pos.snapshot, target)
+    pos = state.load_position(session.target, session.stream.name, schema_known=True)
+    return pos.window_snapshot is None and covers(session.source, pos.snapshot, target)
 
 
 def _is_connection_error(e: ReplicatorError) -> bool:
@@ -459,8 +453,8 @@ def _side(session: Session, e: Exception) -> str:
     """Which server went away: a failed connect says so; otherwise the broken connection does."""
     if isinstance(e, ConnectionFailed):
         return e.side
-    branch = session.branch
-    return "branch" if branch is not None and (branch.broken or branch.closed) else "HQ"
+    target, st = session.target, session.stream
+    return st.target_label if target is not None and (target.broken or target.closed) else st.source_label
 
 
 def _outage(session: Session, e: Exception, since: float | None, stop: threading.Event) -> float:
@@ -469,15 +463,18 @@ def _outage(session: Session, e: Exception, since: float | None, stop: threading
     reason = e.reason if isinstance(e, ConnectionFailed) else db.explain(e)
     if since is None:
         side = _side(session, e)
-        dsn = session.cfg.target_dsn if side == "branch" else session.cfg.source_dsn
+        st = session.stream
+        dsn = st.target_dsn if side == st.target_label else st.source_dsn
         log.warning("lost connection to %s at %s: %s; reconnecting with backoff (changes resume "
                     "when it is back)", side, db.describe(dsn), reason)
         since = now
     else:
         log.debug("still no connection: %s", reason)
     session.close()
+    # Jittered: after an HQ restart many branches retry at once; each waits a random part of
+    # the backoff so their reconnects spread out instead of arriving in lockstep.
     delay = min(30.0, 0.5 * 2 ** min(int((now - since) / 5), 6))
-    stop.wait(delay)
+    stop.wait(random.uniform(delay / 2, delay))
     return since
 
 

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from .errors import ConnectionFailed, ReplicatorError

@@ -41,6 +41,7 @@ from .hq import add_branch, status as hq_status
 from .initialize import initialize
 from .progress import reporter
 from .sample import generate, load_schema, random_changes
+from .stream import CATALOGS
 from .status import branch_status
 from .verify import format_report, verify
 
@@ -365,7 +366,7 @@ def measure_lag(hq_conn, branches: list[DemoBranch]) -> list[Lag]:
     out = []
     for b in branches:
         with b.db.connect() as conn:
-            pos = state.load_position(conn)
+            pos = state.load_position(conn, CATALOGS)
         s = on_hq.get(b.spec.name)
         if s is None or s.pending is None:          # no position reported yet
             out.append(Lag(b.spec.name, pos.applied_changes if pos else 0, None, None))

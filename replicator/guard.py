@@ -46,6 +46,7 @@ from . import db, state
 from .config import BranchConfig, table_display
 from .errors import ConfigError
 from .schema import Table, offered_catalogs, select_catalogs
+from .stream import CATALOGS
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def install(conn: psycopg.Connection, tables: list[Table]) -> None:
         log.debug("guarded %s", ", ".join(t.qualified for t in tables))
 
 
-def sync(conn: psycopg.Connection, tables: list[Table], cfg_path: str | None = None,
+def sync(conn: psycopg.Connection, stream: str, tables: list[Table], cfg_path: str | None = None,
          config_version: int | None = None) -> list[str]:
     """For `run`, when it loads its table set: keep the branch's bookkeeping in line with the selection.
 
@@ -98,7 +99,7 @@ def sync(conn: psycopg.Connection, tables: list[Table], cfg_path: str | None = N
         with conn.transaction():
             install(conn, todo)
         log.info("made read-only (managed from HQ): %s", ", ".join(t.qualified for t in todo))
-    _forget_unstreamed(conn, tables, config_version)
+    _forget_unstreamed(conn, stream, tables, config_version)
     streamed = {(t.schema, t.name) for t in tables}
     for cat in sorted({cat for key, cat in have.items() if key not in streamed}):
         log.warning("catalog %s is read-only on this branch but no longer selected, so its tables no longer "
@@ -107,9 +108,10 @@ def sync(conn: psycopg.Connection, tables: list[Table], cfg_path: str | None = N
     return [t.qualified for t in todo]
 
 
-def _forget_unstreamed(conn: psycopg.Connection, tables: list[Table], config_version: int | None) -> None:
+def _forget_unstreamed(conn: psycopg.Connection, stream: str, tables: list[Table],
+                       config_version: int | None) -> None:
     with conn.transaction():
-        pos = state.load_position(conn, lock=True)
+        pos = state.load_position(conn, stream, lock=True)
         if pos is None or (config_version is not None and pos.config_version != config_version):
             return                     # an init just ran: the caller reloads with the new selection
         gone = conn.execute(
@@ -118,7 +120,7 @@ def _forget_unstreamed(conn: psycopg.Connection, tables: list[Table], config_ver
                       SELECT FROM unnest(%s::text[], %s::text[]) s(sch, tbl)
                        WHERE s.sch = r.schema_name AND s.tbl = r.table_name)
             RETURNING catalog, format('%%I.%%I', schema_name, table_name)""",
-            (state.CATALOGS, [t.schema for t in tables], [t.name for t in tables])).fetchall()
+            (stream, [t.schema for t in tables], [t.name for t in tables])).fetchall()
     for cat in sorted({g[0] for g in gone}):
         log.warning("catalog %s is no longer selected: its tables (%s) stop receiving changes and count as "
                     "not initialized; selecting it again needs `replicator init %s`", cat,
@@ -134,30 +136,32 @@ class Released:
 def release(cfg: BranchConfig, catalogs: list[str]) -> list[Released]:
     """Drop guards and init state of deselected catalogs, in one branch transaction."""
     _refuse_selected(cfg, catalogs)
+    stream = CATALOGS
     branch = db.connect(cfg.target_dsn, "branch", autocommit=True, application=f"replicator release {cfg.branch}")
     try:
         with branch.transaction():
-            pos = state.load_position(branch, lock=True)     # waits for a running apply or init
+            pos = state.load_position(branch, stream, lock=True)     # waits for a running apply or init
             have = guarded(branch)
-            plan = _plan(branch, have, catalogs, cfg.path)
+            plan = _plan(branch, stream, have, catalogs, cfg.path)
             for rel in plan:
                 for schema, name in [key for key, cat in have.items() if cat == rel.catalog]:
                     branch.execute(sql.SQL("DROP TRIGGER {} ON {}").format(
                         sql.Identifier(TRIGGER), sql.Identifier(schema, name)))
                 if state.has_schema(branch):
                     branch.execute("DELETE FROM replication.target_tables WHERE stream = %s AND catalog = %s",
-                                   (state.CATALOGS, rel.catalog))
+                                   (stream, rel.catalog))
                 log.info("released catalog %s: %s", rel.catalog, ", ".join(rel.tables))
             if pos is not None:
-                state.bump_config(branch)     # a running `run` reloads its table set
+                state.bump_config(branch, stream)     # a running `run` reloads its table set
         return plan
     finally:
         branch.close()
 
 
-def _plan(branch: psycopg.Connection, have: dict, catalogs: list[str], path: str) -> list[Released]:
+def _plan(branch: psycopg.Connection, stream: str, have: dict, catalogs: list[str], path: str
+          ) -> list[Released]:
     """The tables each catalog holds on this branch: guarded ones and initialized ones."""
-    states = state.table_states(branch)
+    states = state.table_states(branch, stream)
     plan = []
     for cat in catalogs:
         tables = {table_display(s, n) for (s, n), c in have.items() if c == cat}

@@ -30,17 +30,16 @@ from typing import Callable
 import psycopg
 from psycopg import pq, sql
 
-from . import db, guard, state
+from . import guard, locks, state
+from . import stream as stream_mod
 from .config import BranchConfig
-from .errors import AlreadyInitialized, ConfigError, ReplicatorError, SchemaMismatch
+from .errors import AlreadyInitialized, ReplicatorError, SchemaMismatch
 from .reader import covers
-from .schema import (Table, bind_target, branch_params, check_names, columns_of, offered_catalogs,
-                     select_catalogs, source_tables)
+from .schema import Table, bind_target, columns_of, select_catalogs, source_tables
 
 log = logging.getLogger(__name__)
 
 CUSTOMERS = "customers"
-INIT_LOCK = 2            # pg_advisory_xact_lock(daemon.LOCK_KEY, 2): first init creates the position
 
 
 @dataclass
@@ -71,50 +70,45 @@ Progress = Callable[[str, str, int, int], None]   # (event, table, rows, bytes)
 # events: "start" (rows and bytes are HQ's estimates), "bytes" (bytes so far, rows 0), "done" (exact)
 
 
-def choose(cfg: BranchConfig, offered, named: list[str], include_customers: bool) -> list[str]:
-    """Which catalogs this init copies: named ones, else the selection minus customers."""
-    selected = select_catalogs(cfg, offered)
-    if named:
-        check_names(named, offered, cfg.path)
-        outside = [c for c in named if c not in selected]
-        if outside:
-            raise ConfigError(f"catalog {', '.join(outside)} is not selected for this branch; add it to "
-                              "catalogs: first", cfg.path, None, "catalogs")
-        return list(named)
-    return [c for c in selected if c != CUSTOMERS or include_customers]
+def choose(cfg: BranchConfig, named: list[str], include_customers: bool):
+    """Which catalogs this init copies: named ones, else the selection minus customers
+    (a `choose` for stream.resolve)."""
+    named_only = stream_mod.only_named(cfg, named)
+
+    def pick(offered, selected: list[str]) -> list[str]:
+        if named:
+            return named_only(offered, selected)
+        return [c for c in selected if c != CUSTOMERS or include_customers]
+    return pick
 
 
 def initialize(cfg: BranchConfig, named: list[str] | None = None, include_customers: bool = False,
                force: bool = False, create_missing: bool = False,
                progress: Progress | None = None) -> InitReport:
     started = time.monotonic()
-    hq = db.connect(cfg.source_dsn, "HQ", autocommit=True, application=f"replicator init {cfg.branch}")
-    branch = db.connect(cfg.target_dsn, "branch", autocommit=True, application=f"replicator init {cfg.branch}")
-    try:
-        db.require_version(hq, "capture", "HQ")
-        offered = offered_catalogs(hq, cfg.branch)
-        names = choose(cfg, offered, named or [], include_customers)
-        params = branch_params(hq, cfg.branch, cfg)
-        tables = source_tables(hq, names)
+    stream = stream_mod.catalogs(cfg)
+    with stream_mod.Ends(stream, f"replicator init {cfg.branch}") as ends:
+        hq, branch = ends.source, ends.target
+        stream_mod.require_capture(hq, stream)
+        sel = stream_mod.resolve(hq, stream, cfg, choose(cfg, named or [], include_customers))
+        tables = sel.tables
         _ensure_tables(hq, branch, tables, create_missing)
         bind_target(branch, tables)
         state.ensure_schema(branch)
         report = InitReport()
-        todo = _check_force(cfg, names, tables, state.table_states(branch), force, bool(named), report)
+        todo = _check_force(cfg, sel.names, tables, state.table_states(branch, stream.name), force, bool(named),
+                            report)
         for name in todo:
             cat_tables = [t for t in tables if t.catalog == name]
-            report.copies += copy_catalog(hq, branch, cat_tables, params, progress)
+            report.copies += copy_catalog(hq, branch, stream.name, cat_tables, sel.params, progress)
             report.catalogs.append(name)
             log.info("catalog %s initialized", name)
-        _move_past_pruned_log(hq, branch, cfg, offered)
-        pos = state.load_position(branch)
+        _move_past_pruned_log(hq, branch, stream.name, cfg, sel.offered)
+        pos = state.load_position(branch, stream.name)
         if pos is not None:
-            hq.execute("SELECT replication.ack(%s, %s::pg_snapshot, NULL)", (cfg.branch, pos.snapshot))
+            hq.execute("SELECT replication.ack(%s, %s::pg_snapshot, NULL)", (stream.member, pos.snapshot))
         report.seconds = time.monotonic() - started
         return report
-    finally:
-        hq.close()
-        branch.close()
 
 
 def _check_force(cfg, names, tables, states, force, explicit, report) -> list[str]:
@@ -138,17 +132,17 @@ def _check_force(cfg, names, tables, states, force, explicit, report) -> list[st
     return [c for c in names if c not in done]
 
 
-def _move_past_pruned_log(hq, branch, cfg: BranchConfig, offered) -> None:
+def _move_past_pruned_log(hq, branch, stream: str, cfg: BranchConfig, offered) -> None:
     """Recover from PositionLost: once every selected table has a copy newer than what HQ
     pruned, the position moves up to the oldest of those copies (each table still skips
     what its own copy holds), so the stream resumes without reading across the hole."""
-    pos = state.load_position(branch)
+    pos = state.load_position(branch, stream)
     horizon = hq.execute("SELECT pruned_below::text FROM replication.horizon").fetchone()[0]
     behind = "SELECT %s::xid8 > pg_snapshot_xmin(%s::pg_snapshot)"
     if pos is None or not hq.execute(behind, (horizon, pos.snapshot)).fetchone()[0]:
         return
     tables = source_tables(hq, select_catalogs(cfg, offered))
-    states = state.table_states(branch)
+    states = state.table_states(branch, stream)
     snaps = {t.catalog: states[t.qualified].copy_snapshot if t.qualified in states else None for t in tables}
     stale = sorted(c for c, s in snaps.items() if s is None or hq.execute(behind, (horizon, s)).fetchone()[0])
     oldest = min(set(snaps.values()) - {None}, key=lambda s: int(s.split(":")[1]), default=None)
@@ -157,31 +151,32 @@ def _move_past_pruned_log(hq, branch, cfg: BranchConfig, offered) -> None:
                     "(replicator init --force %s)", ", ".join(stale), " ".join(stale))
         return
     with branch.transaction():
-        locked = state.load_position(branch, lock=True)
-        state.save_position(branch, state.Position(snapshot=oldest, config_version=locked.config_version + 1))
+        locked = state.load_position(branch, stream, lock=True)
+        state.save_position(branch, stream, state.Position(snapshot=oldest,
+                                                           config_version=locked.config_version + 1))
     log.info("branch position moved to %s, past the log HQ pruned", oldest)
 
 
-def copy_catalog(hq: psycopg.Connection, branch: psycopg.Connection, tables: list[Table], params: dict,
-                 progress: Progress | None = None) -> list[TableCopy]:
+def copy_catalog(hq: psycopg.Connection, branch: psycopg.Connection, stream: str, tables: list[Table],
+                 params: dict, progress: Progress | None = None) -> list[TableCopy]:
     """Copy one catalog's tables in one branch transaction at one HQ snapshot."""
     out = []
     with branch.transaction():
         branch.execute("SET LOCAL session_replication_role = replica")
-        branch.execute("SELECT pg_advisory_xact_lock(%s, %s)", (0x7265706C, INIT_LOCK))
-        pos = state.load_position(branch, lock=True)
+        locks.copy(branch, stream)
+        pos = state.load_position(branch, stream, lock=True)
         with hq.transaction():
             hq.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             snap = hq.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
             _truncate(branch, tables)
             for t in tables:
                 out.append(_copy_table(hq, branch, t, params, progress))
-                state.mark_copied(branch, t.schema, t.name, t.catalog, snap, out[-1].rows)
+                state.mark_copied(branch, stream, t.schema, t.name, t.catalog, snap, out[-1].rows)
             guard.install(branch, tables)      # read-only from the moment the copy is visible
         if pos is None:
-            state.save_position(branch, state.Position(snapshot=snap))
+            state.save_position(branch, stream, state.Position(snapshot=snap))
         else:
-            state.bump_config(branch)
+            state.bump_config(branch, stream)
     return out
 
 

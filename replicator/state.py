@@ -1,4 +1,4 @@
-"""The branch's own state: position in HQ's log and per-table initialization.
+"""A target's own state per stream: its position in the source's log and per-table copies.
 
 Like pgcopydb's sentinel, progress is a row in the target database, written
 in the same transaction as the rows it covers, and printed by `status`.
@@ -11,9 +11,8 @@ from datetime import datetime
 import psycopg
 
 from . import db
+from .errors import ReplicatorError
 from .config import table_display
-
-CATALOGS = "catalogs"   # the stream of catalogs from HQ: the key of its position, copy states and set-aside rows
 
 
 @dataclass
@@ -46,13 +45,24 @@ def ensure_schema(conn: psycopg.Connection) -> list[str]:
     return db.migrate(conn, "target")
 
 
+def require_current(conn: psycopg.Connection) -> None:
+    """status, verify, check and aside read this release's state tables; a target still on an
+    older release's schema is upgraded by its next `run` or `init`, never by a read."""
+    have = db.applied_versions(conn, "target")
+    missing = sorted({v for v, _, _ in db.migrations("target")} - have) if have else []
+    if missing:
+        raise ReplicatorError(f"this branch's replication schema is from an older release (missing target "
+                              f"migrations {missing}); upgrade it with `replicator run --once` (or "
+                              "`replicator init`) of this release")
+
+
 def has_schema(conn: psycopg.Connection) -> bool:
     return conn.execute("SELECT to_regclass('replication.position') IS NOT NULL").fetchone()[0]
 
 
-def load_position(conn: psycopg.Connection, lock: bool = False, schema_known: bool = False
+def load_position(conn: psycopg.Connection, stream: str, lock: bool = False, schema_known: bool = False
                   ) -> Position | None:
-    """The branch position; with lock=True it is held until the transaction ends,
+    """The stream's position; with lock=True it is held until the transaction ends,
     which serializes apply, init and repair on one branch.  schema_known skips the
     existence check: the apply loop asks several times per window on a branch it
     already loaded, and each check is a round trip."""
@@ -62,11 +72,11 @@ def load_position(conn: psycopg.Connection, lock: bool = False, schema_known: bo
          "applied_changes, applied_until, updated_at FROM replication.position WHERE stream = %s")
     if lock:
         q += " FOR UPDATE"
-    row = conn.execute(q, (CATALOGS,)).fetchone()
+    row = conn.execute(q, (stream,)).fetchone()
     return Position(*row) if row else None
 
 
-def save_position(conn: psycopg.Connection, pos: Position, applied: int = 0) -> None:
+def save_position(conn: psycopg.Connection, stream: str, pos: Position, applied: int = 0) -> None:
     conn.execute(
         """INSERT INTO replication.position AS p (stream, snapshot, window_snapshot, window_last_id,
                   config_version, applied_changes, applied_until, updated_at)
@@ -76,20 +86,20 @@ def save_position(conn: psycopg.Connection, pos: Position, applied: int = 0) -> 
                   config_version = EXCLUDED.config_version,
                   applied_changes = p.applied_changes + %s,
                   applied_until = GREATEST(p.applied_until, EXCLUDED.applied_until), updated_at = now()""",
-        (CATALOGS, pos.snapshot, pos.window_snapshot, pos.window_last_id, pos.config_version,
+        (stream, pos.snapshot, pos.window_snapshot, pos.window_last_id, pos.config_version,
          applied, pos.applied_until, applied))
 
 
-def table_states(conn: psycopg.Connection) -> dict[str, TableState]:
+def table_states(conn: psycopg.Connection, stream: str) -> dict[str, TableState]:
     if not has_schema(conn):
         return {}
     rows = conn.execute(
         "SELECT schema_name, table_name, catalog, copy_snapshot::text, initialized_at, rows_copied "
-        "FROM replication.target_tables WHERE stream = %s", (CATALOGS,)).fetchall()
+        "FROM replication.target_tables WHERE stream = %s", (stream,)).fetchall()
     return {table_display(r[0], r[1]): TableState(*r) for r in rows}
 
 
-def mark_copied(conn: psycopg.Connection, schema: str, name: str, catalog: str,
+def mark_copied(conn: psycopg.Connection, stream: str, schema: str, name: str, catalog: str,
                 snapshot: str, rows: int) -> None:
     conn.execute(
         """INSERT INTO replication.target_tables (stream, schema_name, table_name, catalog, copy_snapshot,
@@ -98,10 +108,10 @@ def mark_copied(conn: psycopg.Connection, schema: str, name: str, catalog: str,
            ON CONFLICT (stream, schema_name, table_name) DO UPDATE
               SET catalog = EXCLUDED.catalog, copy_snapshot = EXCLUDED.copy_snapshot,
                   initialized_at = now(), rows_copied = EXCLUDED.rows_copied""",
-        (CATALOGS, schema, name, catalog, snapshot, rows))
+        (stream, schema, name, catalog, snapshot, rows))
 
 
-def bump_config(conn: psycopg.Connection) -> None:
+def bump_config(conn: psycopg.Connection, stream: str) -> None:
     """Tell a running apply loop that table states changed under it."""
     conn.execute("UPDATE replication.position SET config_version = config_version + 1 WHERE stream = %s",
-                 (CATALOGS,))
+                 (stream,))

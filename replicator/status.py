@@ -11,10 +11,11 @@ from datetime import datetime
 
 from psycopg import sql
 
-from . import aside, db, state
+from . import aside, state
+from . import stream as stream_mod
 from .config import BranchConfig
 from .reader import LogReader, current_snapshot
-from .schema import branch_params, capture_gaps, offered_catalogs, select_catalogs, source_tables
+from .schema import capture_gaps
 
 
 @dataclass
@@ -48,28 +49,25 @@ class BranchStatus:
 
 
 def branch_status(cfg: BranchConfig) -> BranchStatus:
-    hq = db.connect(cfg.source_dsn, "HQ", autocommit=True, application="replicator status")
-    branch = db.connect(cfg.target_dsn, "branch", autocommit=True, application="replicator status")
-    try:
-        db.require_version(hq, "capture", "HQ")
-        offered = offered_catalogs(hq, cfg.branch)
-        names = select_catalogs(cfg, offered)
-        tables = source_tables(hq, names)
-        pos = state.load_position(branch)
-        states = state.table_states(branch)
-        behind = _behind(hq, tables, branch_params(hq, cfg.branch), pos, states) if pos else {}
+    stream = stream_mod.catalogs(cfg)
+    with stream_mod.Ends(stream, "replicator status") as ends:
+        hq, branch = ends.source, ends.target
+        stream_mod.require_capture(hq, stream)
+        state.require_current(branch)
+        sel = stream_mod.resolve(hq, stream, cfg)
+        tables = sel.tables
+        pos = state.load_position(branch, stream.name)
+        states = state.table_states(branch, stream.name)
+        behind = _behind(hq, tables, sel.params, pos, states) if pos else {}
         gaps = {t.catalog for t in capture_gaps(hq, tables, states)}
         out = []
-        for name in names:
+        for name in sel.names:
             ts = [t for t in tables if t.catalog == name]
             inits = [states[t.qualified].initialized_at if t.qualified in states else None for t in ts]
             init = None if any(i is None for i in inits) or pos is None else min(inits)
-            out.append(CatalogStatus(name, offered[name].label, [t.qualified for t in ts], init,
+            out.append(CatalogStatus(name, sel.offered[name].label, [t.qualified for t in ts], init,
                                      sum(behind.get(t.id, 0) for t in ts), name in gaps))
-        return BranchStatus(cfg.branch, pos, out, aside.rows(branch))
-    finally:
-        hq.close()
-        branch.close()
+        return BranchStatus(cfg.branch, pos, out, aside.rows(branch, stream.name))
 
 
 def _behind(hq, tables, params, pos: state.Position, states) -> dict[int, int]:

@@ -49,18 +49,16 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import db, state
+from . import locks, state
+from . import stream as stream_mod
 from .config import BranchConfig
-from .errors import ConfigError, NotInitialized
+from .errors import NotInitialized
 from .filters import jsonb_column, parse_filter, render
 from .reader import IMAGES, covers, current_snapshot
-from .schema import Table, bind_target, branch_params, check_names, offered_catalogs, select_catalogs, \
-    source_tables
+from .schema import Table, bind_target
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = 0x7265706C      # daemon.LOCK_KEY: (LOCK_KEY, 1) is held by a running replicator
-INIT_LOCK = 2              # initialize.INIT_LOCK: init and repair exclude each other
 CHUNK_KEYS = 10_000        # keys per re-check / repair statement
 SHOW_KEYS = 20             # keys listed per category in the text report
 
@@ -186,9 +184,9 @@ def repair(cfg: BranchConfig, report: VerifyReport) -> RepairReport:
         branch, hq = ctx.branch, ctx.hq
         with branch.transaction():
             branch.execute("SET LOCAL session_replication_role = replica")
-            branch.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_KEY, INIT_LOCK))
-            pos = state.load_position(branch, lock=True)
-            copies = _copy_snapshots(branch)
+            locks.copy(branch, ctx.stream.name)
+            pos = state.load_position(branch, ctx.stream.name, lock=True)
+            copies = _copy_snapshots(branch, ctx.stream.name)
             with hq.transaction():
                 hq.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 out.snapshot = current_snapshot(hq)
@@ -242,35 +240,32 @@ class _Context:
     def __init__(self, cfg: BranchConfig, named: list[str], app: str):
         self.cfg = cfg
         self.named = named
-        self.app = app
+        self.stream = stream_mod.catalogs(cfg)
+        self.ends = stream_mod.Ends(self.stream, app)
 
     def __enter__(self) -> "_Context":
-        cfg = self.cfg
-        self.hq = db.connect(cfg.source_dsn, "HQ", autocommit=True, application=self.app)
-        self.branch = db.connect(cfg.target_dsn, "branch", autocommit=True, application=self.app)
+        self.ends.__enter__()
+        self.hq, self.branch = self.ends.source, self.ends.target
         try:
             self._load()
         except BaseException:
-            self.__exit__()
+            self.ends.close()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        for conn in (self.hq, self.branch):
-            try:
-                conn.close()
-            except Exception:  # closing a broken connection must not hide the real error
-                pass
+        self.ends.close()
 
     def _load(self) -> None:
-        db.require_version(self.hq, "capture", "HQ")
-        if state.load_position(self.branch) is None:
+        stream_mod.require_capture(self.hq, self.stream)
+        state.require_current(self.branch)
+        if state.load_position(self.branch, self.stream.name) is None:
             raise NotInitialized(f"branch {self.cfg.branch} has no position yet; run `replicator init -c "
                                  f"{self.cfg.path}` first")
-        names = _choose(self.cfg, offered_catalogs(self.hq, self.cfg.branch), self.named)
-        self.params = branch_params(self.hq, self.cfg.branch, self.cfg)
-        self.all_tables = source_tables(self.hq, names)
-        states = state.table_states(self.branch)
+        sel = stream_mod.resolve(self.hq, self.stream, self.cfg, stream_mod.only_named(self.cfg, self.named))
+        self.params = sel.params
+        self.all_tables = sel.tables
+        states = state.table_states(self.branch, self.stream.name)
         self.tables = [t for t in self.all_tables
                        if t.qualified in states and states[t.qualified].initialized_at is not None]
         bind_target(self.branch, self.tables)
@@ -390,8 +385,8 @@ class _Context:
         """
         by_id = {t.id: t for t in self.tables}
         with self.branch.transaction():
-            pos = state.load_position(self.branch, lock=True)   # apply waits while we read
-            copies = _copy_snapshots(self.branch)
+            pos = state.load_position(self.branch, self.stream.name, lock=True)   # apply waits while we read
+            copies = _copy_snapshots(self.branch, self.stream.name)
             branch_rows = {tid: self.rows_for_keys(self.branch, by_id[tid], "branch", list(keys))
                            for tid, keys in candidates.items()}
         confirmed, in_flight = {}, {}
@@ -437,16 +432,12 @@ SELECT DISTINCT CASE WHEN l.op = 'T' THEN NULL ELSE {key} END
     # ---------------------------------------------------------- waiting
     def replicator_running(self) -> bool:
         """Is a `replicator run` holding this branch's lock?"""
-        return self.branch.execute(
-            """SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = 1
-                    AND objsubid = 2 AND granted
-                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))""",
-            (LOCK_KEY,)).fetchone()[0]
+        return locks.run_holder(self.branch, self.stream.name) is not None
 
     def wait_for(self, target: str, deadline: float) -> bool:
         """Wait until the branch position covers `target`; False on timeout or no replicator."""
         while True:
-            pos = state.load_position(self.branch)
+            pos = state.load_position(self.branch, self.stream.name)
             if pos.window_snapshot is None and covers(self.hq, pos.snapshot, target):
                 return True
             if time.monotonic() >= deadline or not self.replicator_running():
@@ -473,21 +464,8 @@ SELECT DISTINCT CASE WHEN l.op = 'T' THEN NULL ELSE {key} END
 
 # ------------------------------------------------------------------ helpers
 
-def _choose(cfg: BranchConfig, offered, named: list[str]) -> list[str]:
-    """The catalogs to verify: the named ones (which must be selected), else the selection."""
-    selected = select_catalogs(cfg, offered)
-    if not named:
-        return selected
-    check_names(named, offered, cfg.path)
-    outside = [c for c in named if c not in selected]
-    if outside:
-        raise ConfigError(f"catalog {', '.join(outside)} is not selected for this branch", cfg.path, None,
-                          "catalogs")
-    return list(named)
-
-
-def _copy_snapshots(branch: psycopg.Connection) -> dict[str, str | None]:
-    return {name: st.copy_snapshot for name, st in state.table_states(branch).items()}
+def _copy_snapshots(branch: psycopg.Connection, stream: str) -> dict[str, str | None]:
+    return {name: st.copy_snapshot for name, st in state.table_states(branch, stream).items()}
 
 
 def _diff(hq: dict, branch: dict, among=None) -> dict[str, tuple]:

@@ -197,7 +197,7 @@ def test_an_idle_branch_probes_less_often_and_the_first_change_wakes_it(hq, bran
         busy = _probes(hq, pid, 1.5)                 # just started: every poll_interval
         time.sleep(IDLE_AFTER)
         idle = _probes(hq, pid, 3.0)
-        assert busy >= 8 and idle <= 2.5, (busy, idle)
+        assert busy >= 8 and idle <= 3.5, (busy, idle)   # 2 a second, a position move, no more
         hq.execute("INSERT INTO items VALUES (401, 'after a quiet spell', 4)")
         took = wait_until(lambda: has_item(branch_a, 401), 3.0, "the first change after the quiet spell")
         assert took < 0.5 + 0.5, took

@@ -17,6 +17,7 @@ import pytest
 from replicator import state
 from replicator.daemon import Session
 from replicator.reader import current_snapshot
+from replicator.stream import CATALOGS
 from tests.harness import assert_same, make_setup
 
 SCHEMA = """
@@ -67,7 +68,7 @@ class Env:
 
 def state_position(db) -> state.Position:
     with db.connect() as conn:
-        return state.load_position(conn)
+        return state.load_position(conn, CATALOGS)
 
 
 def make_env(tmp_path, hq, branch_db, **branch_kw) -> Env:
@@ -363,9 +364,9 @@ def test_unselected_catalog_never_reaches_the_branch(env):
     session = Session(env.branch.cfg)
     session.open()
     try:
-        pos = state.load_position(session.branch)
-        cur = current_snapshot(session.hq)
-        rows = [r for chunk in session.reader.window(session.hq, pos.snapshot, cur) for r in chunk]
+        pos = state.load_position(session.target, CATALOGS)
+        cur = current_snapshot(session.source)
+        rows = [r for chunk in session.reader.window(session.source, pos.snapshot, cur) for r in chunk]
     finally:
         session.close()
     assert rows, "the window should hold the main catalog's changes"
