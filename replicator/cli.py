@@ -229,17 +229,22 @@ def hq_add_branch(config_path: str, branch: str, params: tuple[str, ...], passwo
 
 @hq.command("status")
 @CONFIG
-def hq_status(config_path: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for machines.")
+def hq_status(config_path: str, as_json: bool) -> None:
     """Show every branch: last report, pending changes, changes it set aside, lag.
 
     Example:
 
         replicator hq status -c hq.yaml
+        replicator hq status -c hq.yaml --json
     """
     from .hq import status
     cfg = config_mod.load_hq(config_path)
     with _hq_conn(cfg) as conn:
         rows = status(conn)
+    if as_json:
+        click.echo(json.dumps({"branches": [b.to_json() for b in rows]}, indent=2))
+        return
     if not rows:
         click.echo("no branches registered; use `replicator hq add-branch`")
         return
@@ -250,6 +255,27 @@ def hq_status(config_path: str) -> None:
         lag = "-" if b.lag is None else f"{b.lag.total_seconds():.1f} s"
         flag = "" if b.active else " (inactive)"
         click.echo(f"{b.name:<20} {seen:<20} {pending:>8} {b.set_aside:>9}  {lag}{flag}")
+
+
+@hq.command("metrics")
+@CONFIG
+@click.option("--listen", required=True, metavar="HOST:PORT",
+              help="Serve the fleet's metrics at http://HOST:PORT/metrics.")
+def hq_metrics(config_path: str, listen: str) -> None:
+    """Serve every branch's state as HQ sees it, as Prometheus metrics, until stopped.
+
+    Each scrape reads replication.branches (as `hq status` does): last
+    report, lag, pending changes, rows set aside, active; so one scrape
+    shows every store, including one whose own replicator is down.
+
+    Example:
+
+        replicator hq metrics -c hq.yaml --listen 127.0.0.1:9188
+    """
+    from .hq import serve_fleet_metrics
+    from .metrics import parse_listen
+    parse_listen(listen, "--listen")
+    serve_fleet_metrics(config_mod.load_hq(config_path), listen)
 
 
 @hq.command("deactivate")
@@ -352,7 +378,9 @@ def init(config_path: str, catalogs: tuple[str, ...], include_customers: bool, f
 @cli.command()
 @CONFIG
 @click.option("--once", is_flag=True, help="Catch up to HQ's state at start, then exit 0.")
-def run(config_path: str, once: bool) -> None:
+@click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics while running.")
+def run(config_path: str, once: bool, metrics_listen: str | None) -> None:
     """Replicate HQ changes to this branch until stopped (SIGTERM/Ctrl-C finish cleanly).
 
     Probes HQ's log every `poll_interval` (branch.yaml, default 250ms; one
@@ -368,10 +396,14 @@ def run(config_path: str, once: bool) -> None:
 
         replicator run -c branch.yaml
         replicator run -c branch.yaml --once     # catch up and exit
+        replicator run -c branch.yaml --metrics 127.0.0.1:9187
     """
     from .daemon import run as run_loop
+    from .metrics import parse_listen
+    if metrics_listen:
+        parse_listen(metrics_listen)              # a bad address is a usage error before anything
     cfg = config_mod.load_branch(config_path)
-    run_loop(cfg, once=once)
+    run_loop(cfg, once=once, metrics_listen=metrics_listen)
 
 
 @cli.command()

@@ -30,10 +30,12 @@ from psycopg import sql
 
 from . import config as config_mod
 from . import aside, db, guard, locks, state
+from . import metrics as metrics_mod
 from . import stream as stream_mod
 from .apply import Applier, Batch
 from .config import BranchConfig
 from .errors import ApplyFailed, ConnectionFailed, LockHeld, NotInitialized, PositionLost, ReplicatorError
+from .metrics import StreamMetrics
 from .reader import LogReader, Prefetch, covers, current_snapshot
 from .schema import bind_target, capture_gap_error, capture_gaps, offered_catalogs, select_catalogs
 
@@ -69,8 +71,11 @@ class Session:
         self.stream = stream_mod.catalogs(cfg)
         self.app = f"{app} {cfg.branch} pid {os.getpid()}"
         self.ends = stream_mod.Ends(self.stream, self.app)
+        self.metrics = StreamMetrics(self.stream.name, cfg.branch)
+        self.target_at = None        # wall time of the `run --once` target snapshot
         self.source = self.target = None
         self.tables = []
+        self.reader = None
         self.config_version = 0
         self.last_ack = 0.0
         self.last_advance = 0.0
@@ -122,7 +127,7 @@ class Session:
     def load(self) -> None:
         """Resolve the selection against the source and bind it to the target tables."""
         pos = state.load_position(self.target, self.stream.name)
-        if pos is not None and getattr(self, "reader", None) is not None \
+        if pos is not None and self.reader is not None \
                 and pos.config_version != self.config_version:
             self._reread_selection()
         if pos is None:
@@ -130,6 +135,8 @@ class Session:
             select_catalogs(self.cfg, offered_catalogs(self.source, self.stream.member))
             raise NotInitialized(f"branch {self.cfg.branch} has no position yet; run `replicator init -c "
                                  f"{self.cfg.path}` first")
+        if self.reader is None and pos.updated_at is not None:
+            self.metrics.since(pos.updated_at.timestamp())     # first load: how old our state is
         sel = stream_mod.resolve(self.source, self.stream, self.cfg)
         tables = sel.tables
         bind_target(self.target, tables)
@@ -214,15 +221,20 @@ class Session:
         pos = state.load_position(self.target, self.stream.name, schema_known=True)
         if pos.config_version != self.config_version:
             self.load()
+        cur_at = None                # wall time at which the source's snapshot `cur` was taken
         if pos.window_snapshot:
             cur, after = pos.window_snapshot, pos.window_last_id
         elif target:
-            cur, after = target, 0
+            cur, after, cur_at = target, 0, self.target_at
         else:
             if time.monotonic() - self.last_retry >= aside.RETRY_INTERVAL:
                 self.retry_waiting()
+            cur_at = time.time()
             cur, news = self._probe(pos)
             after = 0
+            if cur is None or not news:
+                # nothing for us committed up to this probe: the target holds that state
+                self.metrics.caught_up(cur_at)
             if cur is None:
                 return 0
             if not news:
@@ -258,6 +270,8 @@ class Session:
             applied += self._apply(pos, cur, self.applier.reduce(carry), done=True)
             newest = carry[-1][5] if carry else newest
         self.last_advance = time.monotonic()
+        if cur_at is not None:
+            self.metrics.caught_up(cur_at)
         self._ack(cur, newest, force=applied > 0 or target is not None)
         return applied
 
@@ -331,7 +345,13 @@ class Session:
                                  window_last_id=0 if done else last_id,
                                  config_version=self.config_version, applied_until=newest)
             state.save_position(self.target, self.stream.name, new, applied=len(rows))
+        if rows:
+            self.metrics.applied.inc(len(rows) - (stats.set_aside if stats else 0))   # not the refused
+            self.metrics.last_apply.set(time.time())
         if stats:
+            self.metrics.set_aside.set(sum(len(k) for k in self.applier.waiting.values()))
+            for _ in range(stats.set_aside):
+                self.metrics.error("set_aside")
             lag = (datetime.now(timezone.utc) - newest).total_seconds() if newest else 0.0
             log.info("applied %d changes to %s through log id %d in %.0f ms; lag %.1f s%s",
                      stats.rows, ", ".join(sorted(stats.tables)), last_id,
@@ -356,20 +376,25 @@ class Session:
             self.source.execute("SELECT replication.ack(%s, %s::pg_snapshot, %s, %s)",
                             (self.cfg.branch, position, applied_until, waiting))
         except psycopg.errors.InsufficientPrivilege as e:
+            self.metrics.error("position_report")
             log.warning("HQ refused the position report: %s", e.diag.message_primary)
 
 
-def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = None) -> int:
-    """Keep the branch in step until stopped; with once=True catch up and return."""
+def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = None,
+        metrics_listen: str | None = None) -> int:
+    """Keep the branch in step until stopped; with once=True catch up and return.
+    metrics_listen (HOST:PORT): serve Prometheus metrics there while running."""
     stop = stop or threading.Event()
-    previous = _install_signal_handlers(stop)
     session = Session(cfg)
     session.stop = stop
+    server = metrics_mod.serve(session.metrics.registry, metrics_listen) if metrics_listen else None
+    previous = _install_signal_handlers(stop)
     outage_since = None
     rebound = False
     try:
         # A problem at start (config, password, schema, HQ unreachable) is an error, not an outage.
         session.open()
+        session.target_at = time.time()
         target = current_snapshot(session.source) if once else None
         while not stop.is_set():
             try:
@@ -411,6 +436,9 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
     finally:
         session.close()
         _restore_signal_handlers(previous)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
 
 def _caught_up(session: Session, target: str) -> bool:
@@ -461,6 +489,7 @@ def _outage(session: Session, e: Exception, since: float | None, stop: threading
     """Log one line per outage (not per retry), close everything, back off."""
     now = time.monotonic()
     reason = e.reason if isinstance(e, ConnectionFailed) else db.explain(e)
+    session.metrics.error("connection")
     if since is None:
         side = _side(session, e)
         st = session.stream

@@ -3,7 +3,7 @@
 Branches are registered on HQ with their row-filter parameters, so HQ, not
 the branch, decides which rows a branch receives.  Each branch gets a login
 role that can read the log and its catalogs and report its own position,
-nothing more (DESIGN §3.6).
+nothing more (README, Security).
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import json
 import logging
 import re
 import secrets
+import signal
+import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from urllib.parse import quote, urlencode
 
 import psycopg
@@ -278,6 +280,9 @@ def _branch_dsn(hq_dsn: str, role: str) -> str:
             f"/{quote(dbname, safe='')}" + (f"?{extra}" if extra else ""))
 
 
+STALE_AFTER = 300.0     # seconds without a position report before an active branch counts as stale
+
+
 @dataclass
 class BranchStatus:
     name: str
@@ -289,6 +294,19 @@ class BranchStatus:
     pending: int | None          # logged changes not yet in its acked position
     lag: timedelta | None        # age of the oldest of those
     set_aside: int = 0           # changes it refused and set aside, as last reported
+
+    def stale(self, after: float = STALE_AFTER) -> bool:
+        """An active branch that has not reported for `after` seconds (or never)."""
+        if not self.active:
+            return False
+        return self.acked_at is None or (datetime.now(timezone.utc) - self.acked_at).total_seconds() > after
+
+    def to_json(self) -> dict:
+        return {"branch": self.name, "role": self.role, "params": self.params, "active": self.active,
+                "last_report": self.acked_at.isoformat() if self.acked_at else None,
+                "applied_until": self.applied_until.isoformat() if self.applied_until else None,
+                "pending": self.pending, "lag_seconds": None if self.lag is None else self.lag.total_seconds(),
+                "set_aside": self.set_aside, "stale": self.stale()}
 
 
 def status(conn: psycopg.Connection) -> list[BranchStatus]:
@@ -345,3 +363,37 @@ def prune(conn: psycopg.Connection, cfg: HQConfig, batch: int = 10000) -> PruneR
             break
     log.info("pruned %d log rows below xid %s", deleted, h)
     return PruneReport(deleted, h, laggards)
+
+
+def serve_fleet_metrics(cfg: HQConfig, listen: str, stop: threading.Event | None = None) -> None:
+    """`hq metrics`: serve the fleet as HQ sees it until SIGTERM/SIGINT (or `stop`).  One HQ
+    connection, opened again after HQ comes back; each scrape is one status query."""
+    from .metrics import fleet_registry, serve
+    stop = stop or threading.Event()
+    conn = None
+
+    def hq() -> psycopg.Connection:
+        nonlocal conn
+        if conn is None or conn.closed or conn.broken:
+            conn = db.connect(cfg.dsn, "HQ", autocommit=True, application="replicator hq metrics")
+        return conn
+
+    def log_age() -> float | None:
+        return hq().execute("SELECT extract(epoch FROM now() - min(ts))::float8 "
+                            "FROM replication.change_log").fetchone()[0]
+
+    status(hq())                                # HQ unreachable or not installed: say so at start
+    registry = fleet_registry(lambda: status(hq()), log_age, cfg.retention.total_seconds())
+    server = serve(registry, listen, "--listen")
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop.wait()
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        server.shutdown()
+        server.server_close()
+        if conn is not None:
+            conn.close()

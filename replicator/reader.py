@@ -2,7 +2,7 @@
 
 A window is the set of log rows written by transactions visible in a newer
 snapshot ``cur`` and not visible in the snapshot ``prev`` the branch last
-applied (DESIGN §4).  Never ``id > last_id``: ids are drawn before commit, so
+applied (README, How it works).  Never ``id > last_id``: ids are drawn before commit, so
 a transaction holding a lower id can commit after a higher one was read.
 
 The query runs on HQ with the branch's tables, row filters and per-table copy

@@ -57,7 +57,7 @@ from harness import Branch, Setup, make_setup  # noqa: E402
 from replicator import sample, state  # noqa: E402
 from replicator.cluster import Cluster, Database  # noqa: E402
 from replicator.reader import covers  # noqa: E402
-from replicator.stream import CATALOGS  # noqa: E402
+from replicator.stream import CATALOGS as STREAM  # noqa: E402
 
 log = logging.getLogger("soak")
 
@@ -255,7 +255,7 @@ def hq_snapshot(hq: Database, timeout: float = 60) -> str:
 
 def caught_up(hq: Database, branch: Branch, target: str) -> bool:
     with branch.db.connect() as bconn:
-        pos = state.load_position(bconn, CATALOGS)
+        pos = state.load_position(bconn, STREAM)
     if pos is None or pos.window_snapshot is not None:
         return False
     with hq.connect() as hconn:
@@ -294,7 +294,7 @@ def _retry(fn, timeout: float):
 
 def position(db: Database) -> state.Position:
     with db.connect() as conn:
-        return state.load_position(conn, CATALOGS)
+        return state.load_position(conn, STREAM)
 
 
 # --------------------------------------------------------------------- soak

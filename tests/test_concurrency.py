@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from replicator import state
-from replicator.stream import CATALOGS
+from replicator.stream import CATALOGS as STREAM
 from tests.harness import assert_same, make_setup
 
 SCHEMA = """
@@ -222,6 +222,6 @@ def test_random_concurrent_writers_and_catch_ups(env):
     except AssertionError as e:
         raise AssertionError(f"{summary}: {e}") from None
     with db.connect() as conn:
-        pos = state.load_position(conn, CATALOGS)
+        pos = state.load_position(conn, STREAM)
     logged = hq.scalar("SELECT count(*) FROM replication.change_log")
     assert pos.applied_changes == logged, f"{summary}: applied {pos.applied_changes} of {logged} changes"

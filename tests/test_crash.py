@@ -16,7 +16,7 @@ import time
 import pytest
 
 from replicator import state
-from replicator.stream import CATALOGS
+from replicator.stream import CATALOGS as STREAM
 from tests.harness import assert_same, make_setup
 
 SCHEMA = """
@@ -140,7 +140,7 @@ def test_sigkill_at_random_moments_during_a_large_catch_up(tmp_path, hq, branch_
             # The killed backend ends once it notices; a new run would meanwhile find the lock held.
             wait_until(lambda: not app_backends(monitor, proc.pid), 20, "the killed replicator's backend to end")
 
-            pos = state.load_position(monitor, CATALOGS)
+            pos = state.load_position(monitor, STREAM)
             assert pos.applied_changes >= last_applied, "the position went backwards"
             assert (pos.window_snapshot is None) == (pos.window_last_id == 0), pos
             in_window += pos.window_snapshot is not None
@@ -156,7 +156,7 @@ def test_sigkill_at_random_moments_during_a_large_catch_up(tmp_path, hq, branch_
     for table in TABLES:
         assert_same(hq, branch_a, table)
     with branch_a.connect() as conn:
-        pos = state.load_position(conn, CATALOGS)
+        pos = state.load_position(conn, STREAM)
     total = logged_changes(hq)
     assert pos.applied_changes == total, f"applied {pos.applied_changes} changes, HQ logged {total}"
     assert pos.window_snapshot is None and pos.window_last_id == 0

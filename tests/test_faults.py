@@ -25,7 +25,7 @@ from psycopg import sql
 from replicator import sample, state
 from replicator.cluster import Cluster
 from replicator.hq import role_name
-from replicator.stream import CATALOGS
+from replicator.stream import CATALOGS as STREAM
 from soak import Daemon, HQWriter, bulk_changes, build_world, init_cli, position, verify_cli, wait_caught_up
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def wait_until(predicate, timeout: float, what: str, daemon: Daemon | None = Non
 def init_state_is_all_or_nothing(branch_db) -> None:
     """After a failed init, each table is either copied and recorded, or empty and unrecorded."""
     with branch_db.connect() as conn:
-        states = state.table_states(conn, CATALOGS)
+        states = state.table_states(conn, STREAM)
         for table in ("items", "item_prices", "item_barcodes", "stock", "users", "customers",
                       "price_policies", "currencies", "exchange_rates", "registers", "devices"):
             st = states.get(f"public.{table}")
@@ -177,7 +177,7 @@ def test_connection_cut_during_init_then_init_again(kit, hq, branch_a, cut_after
     assert "connection" in lines[-1].lower(), lines[-1]
     init_state_is_all_or_nothing(branch_a)
     with branch_a.connect() as conn:
-        done = [t for t, st in state.table_states(conn, CATALOGS).items() if st.initialized_at is not None]
+        done = [t for t, st in state.table_states(conn, STREAM).items() if st.initialized_at is not None]
     assert bool(done) is catalogs_done, done
     again = init_cli(b)
     assert again.returncode == 0, again.stderr

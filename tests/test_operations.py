@@ -17,7 +17,7 @@ import pytest
 from replicator import state
 from replicator.daemon import Session
 from replicator.reader import current_snapshot
-from replicator.stream import CATALOGS
+from replicator.stream import CATALOGS as STREAM
 from tests.harness import assert_same, make_setup
 
 SCHEMA = """
@@ -68,7 +68,7 @@ class Env:
 
 def state_position(db) -> state.Position:
     with db.connect() as conn:
-        return state.load_position(conn, CATALOGS)
+        return state.load_position(conn, STREAM)
 
 
 def make_env(tmp_path, hq, branch_db, **branch_kw) -> Env:
@@ -364,7 +364,7 @@ def test_unselected_catalog_never_reaches_the_branch(env):
     session = Session(env.branch.cfg)
     session.open()
     try:
-        pos = state.load_position(session.target, CATALOGS)
+        pos = state.load_position(session.target, STREAM)
         cur = current_snapshot(session.source)
         rows = [r for chunk in session.reader.window(session.source, pos.snapshot, cur) for r in chunk]
     finally:

@@ -18,7 +18,7 @@ from replicator import sample
 
 HQ_YAML = Path(__file__).resolve().parent.parent / "config" / "hq.yaml"
 
-# DESIGN.md §1: catalog id -> (label, updated by default)
+# the catalogs a POS chain runs: catalog id -> (label, updated by default)
 CATALOGS = {
     "customers": ("Clientes", True), "registers": ("Cajas", False), "stores": ("Tiendas", False),
     "policies": ("Políticas", True), "departments": ("Departamentos", False),

@@ -334,7 +334,7 @@ REVOKE ALL ON FUNCTION replication.define_catalog(text, text, boolean) FROM PUBL
 
 -- Capture functions name some columns (those that travel as text).  After an
 -- ALTER TABLE on a captured table, regenerate its capture so HQ writes never
--- fail because of replication (DESIGN §3.4).  A failure here only warns: the
+-- fail because of replication (README, Security).  A failure here only warns: the
 -- DBA's DDL must go through.  Event triggers need a superuser; without one the
 -- DBA re-runs `replicator hq install` after DDL on catalog tables.
 CREATE FUNCTION replication.on_ddl()

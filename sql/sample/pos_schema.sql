@@ -2,7 +2,7 @@
 --
 -- This is NOT a migration of the replicator.  It is the example database that
 -- the shipped config/hq.yaml describes: the HQ catalogs of a retail chain
--- (DESIGN.md §1) plus the sales tables that flow the other way (branch -> HQ).
+-- (README, first paragraph) plus the sales tables that are to flow the other way (branch -> HQ).
 -- The demo and the tests load it into an empty database with
 -- replicator.sample.load_schema() and fill it with replicator.sample.generate().
 -- A branch database can load the same file, so HQ and branch tables match.
