@@ -1230,14 +1230,13 @@ class Poll:
 def poll_time(hq: Database, reader: LogReader, repeat: int = 21) -> Poll:
     """Time the window query (plan + execute) for a fresh 10-change window at the log's end.
 
-    The session is set up as `replicator run` sets up its HQ connection (daemon.Session.open:
-    jit = off, since compiling costs milliseconds when a big log's estimate passes
-    jit_above_cost; no parallel workers; work_mem); keep the two in step.
+    The session has the settings `replicator run` gives a window's transaction
+    (reader.WINDOW_SETTINGS: jit off, since compiling costs milliseconds when a big log's
+    estimate passes jit_above_cost; no parallel workers; work_mem).
     """
+    from .reader import window_settings
     with hq.connect() as conn:
-        conn.execute("SET jit = off")
-        conn.execute("SET work_mem = '64MB'")
-        conn.execute("SET max_parallel_workers_per_gather = 0")
+        window_settings(conn, local=False)
         prev = current_snapshot(conn)
         for i in range(10):
             conn.execute("UPDATE items SET price = price + 1 WHERE id = %s", (i + 1,))

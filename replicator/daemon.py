@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 
 from . import config as config_mod
-from . import aside, db, guard, locks, state
+from . import aside, db, guard, locks, state, systemd
 from . import metrics as metrics_mod
 from . import stream as stream_mod
 from .apply import Applier, Batch
@@ -88,14 +88,10 @@ class Session:
     def open(self) -> None:
         self.ends.__enter__()
         self.source, self.target = self.ends.source, self.ends.target
-        for conn in (self.source, self.target):
-            # Window reads and set-based applies are short, repeated statements whose
-            # planner cost on big logs/batches trips JIT: compiling costs more than it saves.
-            conn.execute("SET jit = off")
-        # A window sorts (id, ctid) pairs: 1M of them fit in 64 MB, the default 4 MB spills.
-        # Parallel workers would cost each of many branches' polls a few ms to start.
-        self.source.execute("SET work_mem = '64MB'")
-        self.source.execute("SET max_parallel_workers_per_gather = 0")
+        # Set-based applies are short, repeated statements whose planner cost on big batches
+        # trips JIT: compiling costs more than it saves.  (The source's settings for window
+        # reads are SET LOCAL in the window's transaction: nothing session-bound there.)
+        self.target.execute("SET jit = off")
         self._lock()
         stream_mod.require_capture(self.source, self.stream)
         if state.has_schema(self.target):
@@ -177,7 +173,7 @@ class Session:
         if stats.cleared:
             log.info("applied %d set-aside changes on retry; %d still set aside", stats.cleared, left)
         elif left:
-            log.info("%d changes still set aside (`replicator aside list`)", left)
+            log.info("%d changes still set aside (`replicator set-aside list`)", left)
 
     def _shape(self) -> list[str]:
         """The branch tables' column rows as of now: any ALTER of a column rewrites its
@@ -356,7 +352,7 @@ class Session:
             log.info("applied %d changes to %s through log id %d in %.0f ms; lag %.1f s%s",
                      stats.rows, ", ".join(sorted(stats.tables)), last_id,
                      (time.monotonic() - start) * 1000, lag,
-                     f"; {stats.set_aside} set aside (`replicator aside list`)" if stats.set_aside else "")
+                     f"; {stats.set_aside} set aside (`replicator set-aside list`)" if stats.set_aside else "")
         if done:
             pos.snapshot = cur
         return len(rows)
@@ -396,7 +392,10 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
         session.open()
         session.target_at = time.time()
         target = current_snapshot(session.source) if once else None
+        systemd.notify(f"READY=1\nSTATUS=replicating {len(session.tables)} tables")
+        watchdog = systemd.Watchdog()
         while not stop.is_set():
+            watchdog.feed()
             try:
                 if session.source is None:
                     session.open()
@@ -434,6 +433,7 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
                 raise
         return 0
     finally:
+        systemd.notify("STOPPING=1")
         session.close()
         _restore_signal_handlers(previous)
         if server is not None:

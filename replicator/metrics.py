@@ -62,7 +62,7 @@ class StreamMetrics:
         self.applied = Counter("replicator_changes_applied", "Changes applied to the target",
                                _LABELS, registry=r).labels(**labels)
         self.set_aside = Gauge("replicator_rows_set_aside", "Changes the target refused, set aside and "
-                               "waiting (replicator aside list)", _LABELS, registry=r).labels(**labels)
+                               "waiting (replicator set-aside list)", _LABELS, registry=r).labels(**labels)
         self.last_apply = Gauge("replicator_last_apply_timestamp_seconds", "Unix time of the last "
                                 "transaction that applied changes", _LABELS, registry=r).labels(**labels)
         self._errors = Counter("replicator_errors", "Errors by kind: connection (an outage, retried), "

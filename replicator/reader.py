@@ -171,6 +171,7 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
             log.debug("window query: %s", query.as_string(conn))
         try:
             with conn.transaction():
+                window_settings(conn)
                 # Binary results: records arrive as raw bytes, not hex text twice their size
                 # (no hex encoding on HQ, no decoding here); ids and times as fixed-width fields.
                 with conn.cursor(name="replicator_window", binary=True) as cur_:
@@ -193,6 +194,19 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
                 f"reading the change log on HQ failed: {e.diag.message_primary}; a row filter HQ defines "
                 f"cannot be evaluated on HQ's rows: {', '.join(filtered)}; fix it in hq.yaml and run "
                 "`replicator hq install` (nothing was applied)") from e
+
+
+# For the window's transaction only (SET LOCAL: a pooler in transaction mode hands the
+# server connection to someone else afterwards): JIT compiles the window's query at a cost
+# it never earns back on a big log; a window sorts (id, ctid) pairs, 1M of which fit in
+# 64 MB where the default 4 MB spills; parallel workers would cost each poll ms to start.
+WINDOW_SETTINGS = {"jit": "off", "work_mem": "64MB", "max_parallel_workers_per_gather": "0"}
+
+
+def window_settings(conn: psycopg.Connection, local: bool = True) -> None:
+    conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+        sql.SQL("pg_catalog.set_config({}, {}, {})").format(sql.Literal(k), sql.Literal(v), sql.Literal(local))
+        for k, v in WINDOW_SETTINGS.items())))
 
 
 def _whole_log_rows(cursor, size: int) -> Iterator[list[tuple]]:

@@ -46,14 +46,14 @@ def ensure_schema(conn: psycopg.Connection) -> list[str]:
 
 
 def require_current(conn: psycopg.Connection) -> None:
-    """status, verify, check and aside read this release's state tables; a target still on an
-    older release's schema is upgraded by its next `run` or `init`, never by a read."""
+    """status, verify and set-aside read this release's state tables; a target still on an
+    older release's schema is upgraded by its next `run`, `init` or `check`, never by a read."""
     have = db.applied_versions(conn, "target")
     missing = sorted({v for v, _, _ in db.migrations("target")} - have) if have else []
     if missing:
         raise ReplicatorError(f"this branch's replication schema is from an older release (missing target "
-                              f"migrations {missing}); upgrade it with `replicator run --once` (or "
-                              "`replicator init`) of this release")
+                              f"migrations {missing}); upgrade it with `replicator check` or `replicator run --once` "
+                              "of this release")
 
 
 def has_schema(conn: psycopg.Connection) -> bool:

@@ -53,6 +53,10 @@ class Ends:
     def __enter__(self) -> "Ends":
         s = self.stream
         self.source = db.connect(s.source_dsn, s.source_label, autocommit=True, application=self.application)
+        # A source may sit behind PgBouncer in transaction pooling, where consecutive
+        # transactions run on different server connections: no prepared statements there
+        # (psycopg would prepare a query run 5 times, and the next server lacks it).
+        self.source.prepare_threshold = None
         try:
             self.target = db.connect(s.target_dsn, s.target_label, autocommit=True,
                                      application=self.application)

@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from . import locks, state
 from . import stream as stream_mod
@@ -63,8 +63,14 @@ CHUNK_KEYS = 10_000        # keys per re-check / repair statement
 SHOW_KEYS = 20             # keys listed per category in the text report
 
 # Output settings that make ROW(...)::text identical on both servers.
-SESSION = ("SET DateStyle = 'ISO, YMD'", "SET IntervalStyle = 'postgres'", "SET TimeZone = 'UTC'",
-           "SET extra_float_digits = 1", "SET bytea_output = 'hex'", "SET lc_monetary = 'C'")
+# A row's text form depends on these, so both sides hash with the same ones.  They are set
+# for each transaction that hashes (set_config(..., true)), never for the session: an HQ
+# behind PgBouncer in transaction pooling runs each transaction on any server connection.
+SETTINGS = {"DateStyle": "ISO, YMD", "IntervalStyle": "postgres", "TimeZone": "UTC",
+            "extra_float_digits": "1", "bytea_output": "hex", "lc_monetary": "C"}
+_SETTINGS_SQL = sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+    sql.SQL("pg_catalog.set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v))
+    for k, v in SETTINGS.items()))
 PROBE = "replicator verify probe: Ñandú ✓ 0123456789"
 HASH = "auto"              # "md5" forces the portable row hash (tests use it)
 
@@ -269,9 +275,6 @@ class _Context:
         self.tables = [t for t in self.all_tables
                        if t.qualified in states and states[t.qualified].initialized_at is not None]
         bind_target(self.branch, self.tables)
-        for conn in (self.hq, self.branch):
-            for stmt in SESSION:
-                conn.execute(stmt)
         encodings = {c.execute("SHOW server_encoding").fetchone()[0] for c in (self.hq, self.branch)}
         # Servers in different encodings hold the same text as different bytes: hash its UTF-8 form
         # (and the probe's characters may not exist in the branch's encoding).
@@ -334,7 +337,7 @@ class _Context:
     def _both(self, query_for) -> tuple[list, list]:
         """Run a query on HQ and on the branch at the same time (each its own server)."""
         with ThreadPoolExecutor(2) as pool:
-            futs = [pool.submit(lambda c, s: c.execute(*query_for(s)).fetchall(), conn, side)
+            futs = [pool.submit(lambda c, s: _hashing(c, *query_for(s)), conn, side)
                     for conn, side in ((self.hq, "hq"), (self.branch, "branch"))]
             return futs[0].result(), futs[1].result()
 
@@ -371,7 +374,7 @@ class _Context:
         q = sql.SQL("SELECT {k}, {h} FROM {t} WHERE {m} AND {w}").format(
             k=self.key_text(t), h=self.row_hash(t), t=self.source(t, side), m=self.key_match(t), w=self.where(t, side))
         for chunk in _chunks(keys):
-            out.update(conn.execute(q, (self._key_objects(t, chunk),)).fetchall())
+            out.update(_hashing(conn, q, (self._key_objects(t, chunk),)))
         return out
 
     @staticmethod
@@ -463,6 +466,16 @@ SELECT DISTINCT CASE WHEN l.op = 'T' THEN NULL ELSE {key} END
 
 
 # ------------------------------------------------------------------ helpers
+
+def _hashing(conn: psycopg.Connection, query: sql.Composable, params=None) -> list[tuple]:
+    """Run a query that hashes rows' text with SETTINGS, in the caller's transaction or its own."""
+    if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+        with conn.transaction():
+            conn.execute(_SETTINGS_SQL)
+            return conn.execute(query, params).fetchall()
+    conn.execute(_SETTINGS_SQL)
+    return conn.execute(query, params).fetchall()
+
 
 def _copy_snapshots(branch: psycopg.Connection, stream: str) -> dict[str, str | None]:
     return {name: st.copy_snapshot for name, st in state.table_states(branch, stream).items()}

@@ -15,9 +15,11 @@ from replicator.cli import cli
 
 
 def walk(group: click.Group, path: tuple[str, ...] = ()):
-    """(path, command) for the group itself and everything under it."""
+    """(path, command) for the group itself and everything under it (hidden aliases aside)."""
     yield path, group
     for name, cmd in sorted(group.commands.items()):
+        if cmd.hidden:
+            continue
         if isinstance(cmd, click.Group):
             yield from walk(cmd, (*path, name))
         else:

@@ -86,13 +86,14 @@ def test_refused_rows_are_set_aside_and_the_rest_of_the_chunk_applies(world, hq,
     assert ids(branch_a) == [1, 2, 4, 5]
 
     # discarding is deliberate and recorded; nothing else makes a refused row go
-    r = b.cli("aside", "list")
+    r = b.cli("set-aside", "list")
     assert r.returncode == 1 and r.stdout.startswith("public.items key 3: one_code:"), r.stdout
-    r = b.cli("aside", "discard", "items", "3")
+    assert b.cli("aside", "list").stdout == r.stdout           # the group's earlier name still works
+    r = b.cli("set-aside", "discard", "items", "3")
     assert r.returncode == 0 and "discarded public.items key 3" in r.stdout, r.stdout + r.stderr
     assert branch_a.execute("SELECT key, constraint_name, discarded_by IS NOT NULL FROM replication.discarded") == \
         [("3", "one_code", True)]
-    r = b.cli("aside", "discard", "items", "3")
+    r = b.cli("set-aside", "discard", "items", "3")
     assert r.returncode == 2 and "nothing of public.items key 3 is set aside" in r.stderr, r.stderr
     r = b.cli("status")
     assert r.returncode == 0 and "catalogs are up to date" in r.stdout, r.stdout

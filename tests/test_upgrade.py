@@ -79,7 +79,10 @@ def _apply(hq, statements) -> None:
         hq.execute(stmt)
 
 
-def test_upgrade_in_place_from_the_release_at_c842138(tmp_path, release, hq, branch_a):
+@pytest.mark.parametrize("upgrader", ["run", "check"])
+def test_upgrade_in_place_from_the_release_at_c842138(tmp_path, release, hq, branch_a, upgrader):
+    """`upgrader`: the first command of this release on the branch, which brings its own
+    objects up to date (run catches up too; check only reports)."""
     assert "aside" not in old_cli(release, "--help").stdout            # really the old code
     hq.execute(SCHEMA)
     branch_a.execute(SCHEMA)
@@ -131,7 +134,12 @@ def test_upgrade_in_place_from_the_release_at_c842138(tmp_path, release, hq, bra
     assert "Traceback" not in r.stderr
     assert branch_a.scalar("SELECT max(version) FROM replication.versions") == 2
 
-    # this release's run: the branch's own schema goes to target migration 004, then catch up
+    # this release on the branch: its own schema goes to target migration 004, then catch up
+    if upgrader == "check":
+        r = replicator_cli("check", *cfg)
+        assert "branch replication schema upgraded: target migration 004_streams" in r.stdout, r.stdout + r.stderr
+        assert branch_a.execute("SELECT side, max(version) FROM replication.versions GROUP BY 1") == \
+            [("target", 4)]
     r = replicator_cli("run", "--once", *cfg)
     assert r.returncode == 0, r.stderr
     assert branch_a.execute("SELECT side, max(version) FROM replication.versions GROUP BY 1") == [("target", 4)]
