@@ -73,7 +73,7 @@ class Session:
         self.ends = stream_mod.Ends(self.stream, self.app)
         self.metrics = StreamMetrics(self.stream.name, cfg.branch)
         self.target_at = None        # wall time of the `run --once` target snapshot
-        self.source = self.target = None
+        self.source = self.primary = self.target = None
         self.tables = []
         self.reader = None
         self.config_version = 0
@@ -82,12 +82,16 @@ class Session:
         self.probed = self.probed_from = None    # end of the last empty probe, and the position it began at
         self.last_news = time.monotonic()         # when a probe last found something for us
         self.last_retry = time.monotonic()        # when set-aside rows were last retried
+        self.standby_behind = False               # said once per spell
         self.stop = threading.Event()   # set by SIGTERM/SIGINT: stop after the current chunk
 
     # ---------------------------------------------------------- connect
     def open(self) -> None:
         self.ends.__enter__()
-        self.source, self.target = self.ends.source, self.ends.target
+        self.source, self.primary, self.target = self.ends.source, self.ends.primary, self.ends.target
+        if self.ends.reading_standby():
+            log.info("reading HQ's log from a hot standby (%s); position reports go to the primary",
+                     self.source.info.host)
         # Set-based applies are short, repeated statements whose planner cost on big batches
         # trips JIT: compiling costs more than it saves.  (The source's settings for window
         # reads are SET LOCAL in the window's transaction: nothing session-bound there.)
@@ -100,7 +104,7 @@ class Session:
 
     def close(self) -> None:
         self.ends.close()
-        self.source = self.target = None
+        self.source = self.primary = self.target = None
 
     def _lock(self) -> None:
         """One run per stream and target.  A replicator killed a moment ago may still hold
@@ -281,6 +285,15 @@ class Session:
         """
         since = self.probed if self.probed_from == pos.snapshot else pos.snapshot
         cur, news = self.reader.probe(self.source, since)
+        if self.source is not self.primary and cur != pos.snapshot and not covers(self.source, cur, pos.snapshot):
+            # A standby behind what this branch already holds (it reads another, lagging one
+            # since a reconnect): moving the position there would apply changes twice.
+            if not self.standby_behind:
+                log.warning("the HQ standby this branch reads is behind its position; waiting for it "
+                            "to replay further (nothing is applied meanwhile)")
+            self.standby_behind = True
+            return None, False
+        self.standby_behind = False
         if news:
             self.last_news = time.monotonic()
         else:
@@ -369,8 +382,8 @@ class Session:
         self.last_ack = now
         try:
             waiting = sum(len(k) for k in self.applier.waiting.values())
-            self.source.execute("SELECT replication.ack(%s, %s::pg_snapshot, %s, %s)",
-                            (self.cfg.branch, position, applied_until, waiting))
+            self.primary.execute("SELECT replication.ack(%s, %s::pg_snapshot, %s, %s)",
+                                 (self.cfg.branch, position, applied_until, waiting))
         except psycopg.errors.InsufficientPrivilege as e:
             self.metrics.error("position_report")
             log.warning("HQ refused the position report: %s", e.diag.message_primary)
@@ -413,6 +426,11 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
             except _Reload:
                 log.info("table states changed on the branch (init); reloading")
                 session.config_version = None   # step() reloads, inside this try (outages included)
+            except psycopg.errors.SerializationFailure as e:
+                # A hot standby cancels a read that conflicts with the WAL it replays: the
+                # chunk was rolled back with its position; read it again.
+                log.info("HQ cancelled a read (%s); reading again", e.diag.message_primary)
+                stop.wait(session.poll_wait())
             except psycopg.errors.DatatypeMismatch as e:
                 # Binary records fit the branch table as it was bound; one altered (or re-created)
                 # since then refuses them.  Bind again, once: a table that still does not fit is a

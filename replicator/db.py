@@ -81,12 +81,14 @@ def _dsn_problem(e: Exception) -> str:
 
 
 def connect(dsn: str, side: str, *, autocommit: bool = False, application: str = "replicator",
-            timeout: int = 10) -> psycopg.Connection:
-    """Open a connection or raise ConnectionFailed with advice for a person."""
+            timeout: int = 10, session_attrs: str | None = None) -> psycopg.Connection:
+    """Open a connection or raise ConnectionFailed with advice for a person.  session_attrs:
+    libpq's target_session_attrs, which host of a multi-host DSN to take."""
     secret = check_dsn(dsn, side).get("password")
+    extra = {"target_session_attrs": session_attrs} if session_attrs else {}
     try:
         conn = psycopg.connect(dsn, autocommit=autocommit, application_name=application,
-                               connect_timeout=timeout)
+                               connect_timeout=timeout, **extra)
     except psycopg.OperationalError as e:
         reason = f"{describe(dsn)}: {explain(e)}"
         if secret:

@@ -106,7 +106,7 @@ def initialize(cfg: BranchConfig, named: list[str] | None = None, include_custom
         _move_past_pruned_log(hq, branch, stream.name, cfg, sel.offered)
         pos = state.load_position(branch, stream.name)
         if pos is not None:
-            hq.execute("SELECT replication.ack(%s, %s::pg_snapshot, NULL)", (stream.member, pos.snapshot))
+            ends.primary.execute("SELECT replication.ack(%s, %s::pg_snapshot, NULL)", (stream.member, pos.snapshot))
         report.seconds = time.monotonic() - started
         return report
 

@@ -38,6 +38,9 @@ def covers(conn: psycopg.Connection, newer: str, older: str) -> bool:
         {"old": older, "new": newer}).fetchone()[0]
 
 
+CHUNKS_PER_TRANSACTION = 10   # a window's HQ transaction ends after this many full chunks
+
+
 class LogReader:
     """Builds the window query once per table set; reads chunks of it."""
 
@@ -161,31 +164,24 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
         """Yield the window's rows in id order, in chunks of about chunk_rows that end with
         a whole log row (see _whole_log_rows); only the last chunk has fewer than chunk_rows.
 
-        Runs in its own transaction on `conn` (a named cursor needs one); the
-        rows are immutable once committed, so isolation level does not matter.
+        A named cursor needs a transaction on HQ, and an open transaction holds HQ's xmin
+        (vacuum keeps every dead row newer than it): a branch back from a week offline must
+        not hold it for the whole catch-up.  So a window is read in HQ transactions of at
+        most CHUNKS_PER_TRANSACTION chunks, each going on after the last log id the one
+        before read: the window's rows are committed and immutable, so the pieces are
+        exactly the window, whatever the isolation level.
         """
         late, arrays = self._late_and_arrays(conn, prev, cur)
-        params = {"prev": prev, "cur": cur, "late": late, "after": after_id, "tables": list(self.tables)}
         query = self.query if arrays else self.plain_query
         if log.isEnabledFor(logging.DEBUG):
             log.debug("window query: %s", query.as_string(conn))
         try:
-            with conn.transaction():
-                window_settings(conn)
-                # Binary results: records arrive as raw bytes, not hex text twice their size
-                # (no hex encoding on HQ, no decoding here); ids and times as fixed-width fields.
-                with conn.cursor(name="replicator_window", binary=True) as cur_:
-                    cur_.itersize = self.chunk_rows
-                    cur_.execute(query, params)
-                    if arrays:
-                        yield from _whole_log_rows(cur_, self.chunk_rows)
-                        return
-                    while True:   # one change per log row: any chunk ends with a whole one
-                        rows = cur_.fetchmany(self.chunk_rows)
-                        if rows:
-                            yield rows
-                        if len(rows) < self.chunk_rows:
-                            break
+            while True:
+                params = {"prev": prev, "cur": cur, "late": late, "after": after_id, "tables": list(self.tables)}
+                last = yield from self._piece(conn, query, params, arrays)
+                if last is None:
+                    return
+                after_id = last
         except psycopg.DataError as e:
             filtered = [f"{t.qualified} ({t.filter})" for t in self.tables.values() if t.filter]
             if not filtered:
@@ -195,6 +191,25 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
                 f"cannot be evaluated on HQ's rows: {', '.join(filtered)}; fix it in hq.yaml and run "
                 "`replicator hq install` (nothing was applied)") from e
 
+    def _piece(self, conn: psycopg.Connection, query: sql.Composed, params: dict, arrays: bool):
+        """One HQ transaction of a window: yields its chunks; returns the last log id read
+        when it stopped at CHUNKS_PER_TRANSACTION full chunks (more may follow), None at the
+        window's end."""
+        with conn.transaction():
+            window_settings(conn)
+            # Binary results: records arrive as raw bytes, not hex text twice their size
+            # (no hex encoding on HQ, no decoding here); ids and times as fixed-width fields.
+            with conn.cursor(name="replicator_window", binary=True) as cur_:
+                cur_.itersize = self.chunk_rows
+                cur_.execute(query, params)
+                chunks = _whole_log_rows(cur_, self.chunk_rows) if arrays else _plain_chunks(cur_, self.chunk_rows)
+                for n, rows in enumerate(chunks, 1):
+                    yield rows
+                    if len(rows) < self.chunk_rows:
+                        return None
+                    if n >= CHUNKS_PER_TRANSACTION:
+                        return rows[-1][0]
+        return None
 
 # For the window's transaction only (SET LOCAL: a pooler in transaction mode hands the
 # server connection to someone else afterwards): JIT compiles the window's query at a cost
@@ -207,6 +222,16 @@ def window_settings(conn: psycopg.Connection, local: bool = True) -> None:
     conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(
         sql.SQL("pg_catalog.set_config({}, {}, {})").format(sql.Literal(k), sql.Literal(v), sql.Literal(local))
         for k, v in WINDOW_SETTINGS.items())))
+
+
+def _plain_chunks(cursor, size: int) -> Iterator[list[tuple]]:
+    """One change per log row: any chunk ends with a whole one."""
+    while True:
+        rows = cursor.fetchmany(size)
+        if rows:
+            yield rows
+        if len(rows) < size:
+            return
 
 
 def _whole_log_rows(cursor, size: int) -> Iterator[list[tuple]]:

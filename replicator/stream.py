@@ -40,24 +40,38 @@ def catalogs(cfg: BranchConfig) -> Stream:
     return Stream(CATALOGS, cfg.source_dsn, cfg.target_dsn, cfg.branch)
 
 
+def multi_host(dsn: str) -> bool:
+    """A libpq DSN listing several hosts (a primary and its hot standbys) that does not
+    say itself which kind of server it wants."""
+    parts = db.check_dsn(dsn, "source")
+    return "," in (parts.get("host") or parts.get("hostaddr") or "") and "target_session_attrs" not in parts
+
+
 class Ends:
     """A stream's source and target connections, opened together and closed together
-    (autocommit: each stage opens the transactions it needs)."""
+    (autocommit: each stage opens the transactions it needs).
+
+    `source` reads (windows, copies, verify); `primary` takes what writes to the source
+    (position reports).  They are one connection, unless the source DSN lists several
+    hosts: then reads prefer a hot standby (snapshots and the log read the same there)
+    and writes go to the one that accepts them, so branches' reads scale out on HQ's
+    standbys."""
 
     def __init__(self, stream: Stream, application: str):
         self.stream = stream
         self.application = application
         self.source: psycopg.Connection | None = None
+        self.primary: psycopg.Connection | None = None
         self.target: psycopg.Connection | None = None
 
     def __enter__(self) -> "Ends":
         s = self.stream
-        self.source = db.connect(s.source_dsn, s.source_label, autocommit=True, application=self.application)
-        # A source may sit behind PgBouncer in transaction pooling, where consecutive
-        # transactions run on different server connections: no prepared statements there
-        # (psycopg would prepare a query run 5 times, and the next server lacks it).
-        self.source.prepare_threshold = None
         try:
+            if multi_host(s.source_dsn):
+                self.source = self._source("prefer-standby")
+                self.primary = self._source("read-write")
+            else:
+                self.source = self.primary = self._source(None)
             self.target = db.connect(s.target_dsn, s.target_label, autocommit=True,
                                      application=self.application)
         except BaseException:
@@ -65,17 +79,29 @@ class Ends:
             raise
         return self
 
+    def _source(self, attrs: str | None) -> psycopg.Connection:
+        s = self.stream
+        conn = db.connect(s.source_dsn, s.source_label, autocommit=True, application=self.application,
+                          session_attrs=attrs)
+        # A source may sit behind PgBouncer in transaction pooling, where consecutive
+        # transactions run on different server connections: no prepared statements there
+        # (psycopg would prepare a query run 5 times, and the next server lacks it).
+        conn.prepare_threshold = None
+        return conn
+
+    def reading_standby(self) -> bool:
+        return self.source is not self.primary and self.source.info.parameter_status("in_hot_standby") == "on"
+
     def __exit__(self, *exc) -> None:
         self.close()
 
     def close(self) -> None:
-        for conn in (self.source, self.target):
-            if conn is not None:
-                try:
-                    conn.close()
-                except Exception:  # closing a broken connection must not hide the real error
-                    pass
-        self.source = self.target = None
+        for conn in {id(c): c for c in (self.source, self.primary, self.target) if c is not None}.values():
+            try:
+                conn.close()
+            except Exception:  # closing a broken connection must not hide the real error
+                pass
+        self.source = self.primary = self.target = None
 
 
 @dataclass

@@ -430,3 +430,35 @@ def test_in_process_run_gives_the_signal_handlers_back(hq, branch_a, world):
     assert b.run_once() == 0
     assert has_item(branch_a, 501)
     assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} == before
+
+
+def test_a_long_catch_up_reads_hq_in_short_transactions(hq, branch_a, world):
+    """A branch back after a long time offline must not hold HQ's xmin (vacuum's horizon)
+    for its whole catch-up: it reads the window in HQ transactions of a few chunks each."""
+    b = world(hq, branch_a, batch_rows=100)
+    for i in range(40):                               # 4,000 changes while the branch is away
+        hq.execute("INSERT INTO items SELECT g, 'away', 1 FROM generate_series(%s::int, %s::int) g",
+                   (1000 + i * 100, 1099 + i * 100))
+    seen: set = set()
+    done = threading.Event()
+
+    def sample() -> None:
+        with hq.connect() as conn:
+            while not done.is_set():
+                for start, in conn.execute(
+                        "SELECT xact_start FROM pg_stat_activity WHERE application_name LIKE 'replicator run %%' "
+                        "AND query ILIKE '%%replicator_window%%' AND xact_start IS NOT NULL"):
+                    seen.add(start)
+                time.sleep(0.002)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        r = b.cli("run", "--once")
+    finally:
+        done.set()
+        watcher.join(10)
+    assert r.returncode == 0, r.stderr
+    assert_same(hq, branch_a, "items")
+    # 4,000 changes, 100 a chunk, CHUNKS_PER_TRANSACTION (10) chunks per HQ transaction: 4 or more
+    assert len(seen) >= 3, f"the window was read in {len(seen)} HQ transaction(s)"
