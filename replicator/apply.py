@@ -97,9 +97,12 @@ class Batch:
 class Applier:
     """Prepared statements per table for one target connection and stream."""
 
-    def __init__(self, conn: psycopg.Connection, stream: str, tables: list[Table]):
+    def __init__(self, conn: psycopg.Connection, stream: str, tables: list[Table], slice_of: str | None = None):
         self.conn = conn
         self.stream = stream
+        # The member whose slice this login writes (uploads into HQ): HQ's row-level security
+        # refuses rows outside it, and those are set aside like any refused row.
+        self.slice_of = slice_of
         self.tables = {t.id: t for t in tables}
         self.sql = {t.id: _statements(t) for t in tables}
         self.payload = {t.id: _record_array(t.record_type) if t.record_type else _json_array for t in tables}
@@ -159,7 +162,7 @@ class Applier:
             with self.conn.transaction():
                 self._set_based(tid, p)
         except psycopg.Error as e:
-            if not aside.about_one_row(e) or (hold_unique and isinstance(e, psycopg.errors.UniqueViolation)):
+            if not aside.about_one_row(e, self.slice_of is not None) or (hold_unique and isinstance(e, psycopg.errors.UniqueViolation)):
                 raise
             log.info("%s: the branch refused a row of this chunk (%s); applying its %d keys one by one",
                      t.qualified, e.diag.message_primary, len(p.last))
@@ -178,12 +181,13 @@ class Applier:
                 with self.conn.transaction():
                     self.conn.execute(stmts["delete" if op == "D" else "upsert"], (payload([row]),))
             except psycopg.Error as e:
-                if not aside.about_one_row(e):
+                if not aside.about_one_row(e, self.slice_of is not None):
                     raise
-                aside.put(self.conn, self.stream, t.schema, t.name, key, op, row, e)
+                why = self._slice_reason(t, e)
+                aside.put(self.conn, self.stream, t.schema, t.name, key, op, row, e, why)
                 waiting.add(key)
                 stats.set_aside += 1
-                log.warning("%s key %s set aside: %s", t.qualified, key, e.diag.message_primary)
+                log.warning("%s key %s set aside: %s", t.qualified, key, why or e.diag.message_primary)
                 continue
             if key in waiting:
                 aside.clear(self.conn, self.stream, t.schema, t.name, key)
@@ -195,6 +199,16 @@ class Applier:
                 stats.upserts += 1
         if not waiting:
             self.waiting.pop(tid, None)
+
+    def _slice_reason(self, t: Table, e: psycopg.Error) -> str | None:
+        kind = aside.outside_slice(e) if self.slice_of is not None else None
+        if kind == "another":
+            return (f"the key belongs to another branch's row of {t.qualified} at HQ (not {self.slice_of}'s): "
+                    "two branches sent the same key (e.g. a register id shared by two stores)")
+        if kind == "outside":
+            return (f"the row is outside {self.slice_of}'s slice of {t.qualified} at HQ (owner: {t.owner}); "
+                    "HQ keeps only rows this branch owns")
+        return None
 
     def retry_waiting(self) -> ApplyStats:
         """Apply what waits again (the caller holds the position lock): the DBA may have fixed
@@ -312,5 +326,7 @@ def _statements(t: Table) -> dict[str, sql.Composed]:
     delete = sql.SQL("DELETE FROM {t} AS t USING {images} WHERE {match}").format(
         t=t.ident, images=images, match=match)
     # TRUNCATE refuses a table referenced by a foreign key even in replica mode.
-    truncate = (sql.SQL("DELETE FROM {}") if t.referenced else sql.SQL("TRUNCATE {}")).format(t.ident)
+    # An upload's target (t.sliced) is emptied only inside the slice: HQ's row-level security
+    # confines the DELETE to this branch's rows.
+    truncate = (sql.SQL("DELETE FROM {}") if t.referenced or t.sliced else sql.SQL("TRUNCATE {}")).format(t.ident)
     return {"insert": insert, "upsert": upsert, "delete": delete, "truncate": truncate}

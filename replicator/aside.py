@@ -31,8 +31,19 @@ RETRY_INTERVAL = 60.0
 _ROW_CLASSES = ("22", "23")
 
 
-def about_one_row(e: psycopg.Error) -> bool:
-    return bool(e.sqlstate) and e.sqlstate[:2] in _ROW_CLASSES
+def about_one_row(e: psycopg.Error, sliced: bool = False) -> bool:
+    """sliced: the target confines this login to its slice (uploads into HQ), where a row
+    outside it, or a key another branch owns, is refused by row-level security."""
+    return bool(e.sqlstate) and (e.sqlstate[:2] in _ROW_CLASSES or (sliced and outside_slice(e) is not None))
+
+
+def outside_slice(e: psycopg.Error) -> str | None:
+    """'another' when the key belongs to another branch's row, 'outside' when the row is not
+    in this branch's slice, None when the error is no slice refusal."""
+    message = e.diag.message_primary or ""
+    if e.sqlstate != "42501" or not message.startswith("new row violates row-level security policy"):
+        return None
+    return "another" if "(USING expression)" in message else "outside"
 
 
 @dataclass
@@ -80,7 +91,8 @@ def keys_by_table(conn: psycopg.Connection, stream: str) -> dict[tuple[str, str]
     return out
 
 
-def put(conn: psycopg.Connection, stream: str, schema: str, table: str, key: str, op: str, image, e: psycopg.Error) -> None:
+def put(conn: psycopg.Connection, stream: str, schema: str, table: str, key: str, op: str, image, e: psycopg.Error,
+        message: str | None = None) -> None:
     """Set the change aside (or replace the key's older one, keeping when it first waited)."""
     text, record = (image.encode(), None) if isinstance(image, str) else (None, bytes(image))
     conn.execute(
@@ -92,7 +104,7 @@ def put(conn: psycopg.Connection, stream: str, schema: str, table: str, key: str
                   sqlstate = EXCLUDED.sqlstate, constraint_name = EXCLUDED.constraint_name,
                   message = EXCLUDED.message, tried_at = now(), attempts = a.attempts + 1""",
         (stream, schema, table, key, "D" if op == "D" else "U", text, record, e.sqlstate,
-         e.diag.constraint_name, e.diag.message_primary or str(e)))
+         e.diag.constraint_name, message or e.diag.message_primary or str(e)))
 
 
 def clear(conn: psycopg.Connection, stream: str, schema: str, table: str, key: str | None = None) -> None:

@@ -143,9 +143,12 @@ def hq_install(config_path: str, detach: bool) -> None:
         replicator hq install -c hq.yaml
     """
     from .capture import install
+    from .uploads import check_targets, install_targets
     cfg = config_mod.load_hq(config_path)
     with _hq_conn(cfg) as conn:
+        check_targets(conn, cfg)
         report = install(conn, cfg, detach)
+        targets = install_targets(conn, cfg)
     for m in report.migrations:
         click.echo(f"applied migration {m}")
     for t in report.attached:
@@ -156,7 +159,11 @@ def hq_install(config_path: str, detach: bool) -> None:
         click.echo(f"row filter changed: {t}: {old or '(none)'} -> {new or '(none)'}")
     for t in report.restricted:
         click.echo(f"row restriction for branch logins rebuilt: {t}")
-    if not report.changed:
+    for t in targets.changed:
+        click.echo(f"upload target: {t} (branch logins write only their slice)")
+    for w in targets.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if not report.changed and not targets.changed:
         click.echo(f"capture is up to date ({len(report.unchanged)} tables); nothing changed")
 
 
@@ -248,13 +255,17 @@ def hq_status(config_path: str, as_json: bool) -> None:
     if not rows:
         click.echo("no branches registered; use `replicator hq add-branch`")
         return
-    click.echo(f"{'branch':<20} {'last report':<20} {'pending':>8} {'set aside':>9}  lag")
+    click.echo(f"{'branch':<20} {'last report':<20} {'pending':>8} {'set aside':>9} {'lag':>9}  "
+               f"{'sales up to':<20} {'pending':>8} {'set aside':>9}")
     for b in rows:
         seen = f"{b.acked_at:%Y-%m-%d %H:%M:%S}" if b.acked_at else "never"
         pending = "-" if b.pending is None else str(b.pending)
         lag = "-" if b.lag is None else f"{b.lag.total_seconds():.1f} s"
+        sales = f"{b.sales_until:%Y-%m-%d %H:%M:%S}" if b.sales_until else "-"
+        sales_pending = "-" if b.sales_pending is None else str(b.sales_pending)
         flag = "" if b.active else " (inactive)"
-        click.echo(f"{b.name:<20} {seen:<20} {pending:>8} {b.set_aside:>9}  {lag}{flag}")
+        click.echo(f"{b.name:<20} {seen:<20} {pending:>8} {b.set_aside:>9} {lag:>9}  {sales:<20} "
+                   f"{sales_pending:>8} {b.sales_set_aside:>9}{flag}")
 
 
 @hq.command("metrics")
@@ -363,11 +374,27 @@ def init(config_path: str, catalogs: tuple[str, ...], include_customers: bool, f
         replicator init -c branch.yaml
         replicator init -c branch.yaml kits        # a catalog added later
     """
+    from .errors import AlreadyInitialized
     from .initialize import initialize
     from .progress import reporter
+    from . import uploads
     cfg = config_mod.load_branch(config_path)
-    with reporter() as progress:
-        rep = initialize(cfg, list(catalogs), include_customers, force, create_missing, progress)
+    rep = None
+    try:
+        with reporter() as progress:
+            rep = initialize(cfg, list(catalogs), include_customers, force, create_missing, progress)
+    except AlreadyInitialized:
+        if catalogs:
+            raise
+        sent = uploads.initialize(cfg, force)    # the uploads may still need their first sync
+        if not sent:
+            raise
+        click.echo(f"uploaded the branch's history of {', '.join(sent)} to HQ (its slice)")
+        return
+    if not catalogs:
+        sent = uploads.initialize(cfg, force)
+        if sent:
+            click.echo(f"uploaded the branch's history of {', '.join(sent)} to HQ (its slice)")
     for name, since in rep.skipped.items():
         click.echo(f"skipped {name}: already initialized since {since:%Y-%m-%d %H:%M} (--force copies again)")
     mb = rep.bytes / 1e6
@@ -431,7 +458,28 @@ def status(config_path: str) -> None:
             click.echo(f"  {row.line()}")
     if st.up_to_date:
         click.echo("catalogs are up to date")
-    sys.exit(0 if st.up_to_date else 1)
+    from .uploads import status as upload_status
+    up = upload_status(cfg)
+    if up is not None:
+        click.echo(up.line())
+    sys.exit(0 if st.up_to_date and (up is None or (up.initialized and not up.set_aside)) else 1)
+
+
+@cli.command("sql")
+@CONFIG
+def branch_sql(config_path: str) -> None:
+    """Print the branch side's DDL for your own migration tool: its state tables and
+    the capture of the uploads HQ defines for it (asks HQ which tables those are).
+
+    Example:
+
+        replicator sql -c branch.yaml > V7__replicator_branch.sql
+    """
+    from . import db
+    from .uploads import print_sql
+    cfg = config_mod.load_branch(config_path)
+    with db.connect(cfg.source_dsn, "HQ", autocommit=True, application="replicator sql") as hq_conn:
+        click.echo(print_sql(hq_conn, cfg), nl=False)
 
 
 @cli.group("set-aside")

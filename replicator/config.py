@@ -301,19 +301,41 @@ class CatalogSpec:
     tables: tuple[TableSpec, ...]
 
 
+@dataclass(frozen=True)
+class Folios:
+    """Where an upload keeps its per-register fiscal folios (hq status lists their gaps)."""
+    table: str
+    register: str
+    folio: str
+
+
+@dataclass(frozen=True)
+class UploadSpec:
+    """An upload: tables every branch sends up to HQ, each row owned by one branch.
+
+    `tables[i].filter` is the table's owner predicate (same grammar as row filters),
+    which HQ fills with the branch's registered parameters: the branch's slice."""
+    name: str
+    label: str
+    default: bool
+    tables: tuple[TableSpec, ...]
+    folios: Folios | None = None
+
+
 @dataclass
 class HQConfig:
     path: str
     dsn: str
     retention: timedelta
     catalogs: dict[str, CatalogSpec] = field(default_factory=dict)
+    uploads: dict[str, UploadSpec] = field(default_factory=dict)
 
 
 def load_hq(path: str | Path) -> HQConfig:
     """Read hq.yaml: where HQ is, how long to keep the log, which catalogs exist."""
     path = str(path)
     root = _Reader(path, load_yaml(path))
-    root.check_keys({"dsn", "retention", "catalogs", "catalogs_file"})
+    root.check_keys({"dsn", "retention", "catalogs", "catalogs_file", "uploads"})
     dsn = root.get("dsn", str)
     try:
         retention = parse_duration(root.get("retention", (int, float, str), "7d"))
@@ -327,7 +349,79 @@ def load_hq(path: str | Path) -> HQConfig:
     else:
         cat_root = root.sub("catalogs")
     catalogs = _parse_catalogs(cat_root)
-    return HQConfig(path=path, dsn=dsn, retention=retention, catalogs=catalogs)
+    uploads = _parse_uploads(root.sub("uploads"), catalogs) if root.data.get("uploads") is not None else {}
+    return HQConfig(path=path, dsn=dsn, retention=retention, catalogs=catalogs, uploads=uploads)
+
+
+def _parse_uploads(ups: _Reader, catalogs: dict[str, CatalogSpec]) -> dict[str, UploadSpec]:
+    """`uploads:` of hq.yaml: what branches send up and which rows each owns."""
+    in_catalog = {t.name: c.name for c in catalogs.values() for t in c.tables}
+    uploads: dict[str, UploadSpec] = {}
+    seen: dict[str, str] = {}
+    for name in ups.data:
+        if not isinstance(name, str) or not _CATALOG_RE.match(name):
+            raise ups.error(name, "upload ids are lower-case words like sales", name)
+        if name in catalogs:
+            raise ups.error(name, f"{name} is already a catalog; give the upload another id")
+        spec = _parse_upload(name, ups.sub(name))
+        for t in spec.tables:
+            if t.name in in_catalog:
+                raise ups.error(name, f"table {t.name} is in catalog {in_catalog[t.name]}: a table flows one "
+                                "way, either down as a catalog or up as an upload")
+            if t.name in seen:
+                raise ups.error(name, f"table {t.name} is already in upload {seen[t.name]}")
+            seen[t.name] = name
+        uploads[name] = spec
+    return uploads
+
+
+def _parse_upload(name: str, up: _Reader) -> UploadSpec:
+    up.check_keys({"label", "default", "tables", "owner", "owners", "folios"})
+    tables = _table_names(up)
+    owners = _table_map(up, "owners", tables, str)
+    owner = up.get("owner", str, None)
+    specs = []
+    for t in tables:
+        predicate = owners.get(t, owner)
+        if predicate is None:
+            raise up.error("owner", f"no owner predicate for {t}: HQ must say which rows each branch owns, "
+                           'e.g. owner: "store_id = :store_id" (or owners: {table: predicate})')
+        specs.append(TableSpec(t, predicate))
+    folios = None
+    if up.data.get("folios") is not None:
+        f = up.sub("folios")
+        f.check_keys({"table", "register", "folio"})
+        try:
+            table = qualify(f.get("table", str))
+        except ValueError as e:
+            raise f.error("table", str(e)) from None
+        if table not in tables:
+            raise f.error("table", f"table is not in this upload's tables ({', '.join(tables)})")
+        cols = []
+        for key in ("register", "folio"):
+            try:
+                cols += parse_identifier_path(f.get(key, str), 1)
+            except ValueError:
+                raise f.error(key, "expected a column name (quote \"Mixed Case\" ones as in SQL)") from None
+        folios = Folios(table, *cols)
+    return UploadSpec(name, str(up.get("label", str, name)), up.get("default", bool, False), tuple(specs), folios)
+
+
+def _table_names(cat: _Reader) -> list[str]:
+    raw_tables = cat.get("tables", list)
+    if not raw_tables:
+        raise cat.error("tables", "needs at least one table")
+    tables = []
+    for t in raw_tables:
+        if not isinstance(t, str):
+            raise cat.error("tables", "expected a list of table names like public.items", t)
+        try:
+            tables.append(qualify(t))
+        except ValueError as e:
+            raise cat.error("tables", str(e)) from None
+    if len(set(tables)) != len(tables):
+        raise cat.error("tables", "a table is listed twice")
+    return tables
 
 
 def _parse_catalogs(cats: _Reader) -> dict[str, CatalogSpec]:
@@ -349,17 +443,7 @@ def _parse_catalogs(cats: _Reader) -> dict[str, CatalogSpec]:
 
 def _parse_catalog(name: str, cat: _Reader) -> CatalogSpec:
     cat.check_keys({"label", "default", "tables", "filter", "filters", "exclude_columns"})
-    raw_tables = cat.get("tables", list)
-    if not raw_tables:
-        raise cat.error("tables", "a catalog needs at least one table")
-    tables = []
-    for t in raw_tables:
-        if not isinstance(t, str):
-            raise cat.error("tables", "expected a list of table names like public.items", t)
-        try:
-            tables.append(qualify(t))
-        except ValueError as e:
-            raise cat.error("tables", str(e)) from None
+    tables = _table_names(cat)
     filters = _table_map(cat, "filters", tables, str)
     catalog_filter = cat.get("filter", str, None)
     excludes = _table_map(cat, "exclude_columns", tables, list)
@@ -407,6 +491,7 @@ class BranchConfig:
     source_dsn: str
     target_dsn: str
     catalogs: list[str] | None          # None: HQ's default catalogs
+    uploads: list[str] | None = None    # None: HQ's default uploads
     poll_interval: float = 0.25         # seconds between probes of HQ's log while changes flow
     idle_poll_interval: float = 2.0     # ... and after IDLE_AFTER seconds with none for us (daemon.py)
     batch_rows: int = 20000             # changes per apply transaction (bigger: more coalescing)
@@ -422,29 +507,37 @@ def load_branch(path: str | Path) -> BranchConfig:
     """Read branch.yaml: who we are, where HQ and the local database are."""
     path = str(path)
     root = _Reader(path, load_yaml(path))
-    root.check_keys({"branch", "source", "target", "catalogs", "poll_interval", "idle_poll_interval", "batch_rows"})
+    root.check_keys({"branch", "source", "target", "catalogs", "uploads", "poll_interval", "idle_poll_interval",
+                      "batch_rows"})
     branch = root.get("branch", str)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", branch):
         raise root.error("branch", "use letters, digits, '-', '_' or '.' (max 63)", branch)
     source, target = root.sub("source"), root.sub("target")
     source.check_keys({"dsn"})
     target.check_keys({"dsn"})
-    catalogs = root.get("catalogs", list, None)
-    if catalogs is not None:
-        for c in catalogs:
-            if not isinstance(c, str) or not _CATALOG_RE.match(c):
-                raise root.error("catalogs", "expected a list of catalog ids like [items, stock]", c)
-        if len(set(catalogs)) != len(catalogs):
-            raise root.error("catalogs", "a catalog is listed twice", catalogs)
+    catalogs = _ids(root, "catalogs", "catalog", "[items, stock]")
+    uploads = _ids(root, "uploads", "upload", "[sales]")
     poll = _interval(root, "poll_interval", "250ms")
     idle_poll = max(poll, _interval(root, "idle_poll_interval", "2s"))
     batch = root.get("batch_rows", int, 20000)
     if batch < 1:
         raise root.error("batch_rows", "must be at least 1", batch)
     return BranchConfig(path=path, branch=branch, source_dsn=source.get("dsn", str),
-                        target_dsn=target.get("dsn", str), catalogs=catalogs,
+                        target_dsn=target.get("dsn", str), catalogs=catalogs, uploads=uploads,
                         poll_interval=poll, idle_poll_interval=idle_poll, batch_rows=batch,
                         lines=dict(root.data.lines))
+
+
+def _ids(root: "_Reader", key: str, what: str, example: str) -> list[str] | None:
+    ids = root.get(key, list, None)
+    if ids is None:
+        return None
+    for c in ids:
+        if not isinstance(c, str) or not _CATALOG_RE.match(c):
+            raise root.error(key, f"expected a list of {what} ids like {example}", c)
+    if len(set(ids)) != len(ids):
+        raise root.error(key, f"a {what} is listed twice", ids)
+    return ids
 
 
 def _interval(root: "_Reader", key: str, default: str) -> float:

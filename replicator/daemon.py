@@ -66,15 +66,17 @@ class _Rebind(_Reload):
 class Session:
     """Connections, lock, table set, reader and applier for one stream."""
 
-    def __init__(self, cfg: BranchConfig, app: str = "replicator run"):
+    def __init__(self, cfg: BranchConfig, app: str = "replicator run", stream: stream_mod.Stream | None = None,
+                 registry=None):
         self.cfg = cfg
-        self.stream = stream_mod.catalogs(cfg)
+        self.stream = stream or stream_mod.catalogs(cfg)
         self.app = f"{app} {cfg.branch} pid {os.getpid()}"
         self.ends = stream_mod.Ends(self.stream, self.app)
-        self.metrics = StreamMetrics(self.stream.name, cfg.branch)
+        self.metrics = StreamMetrics(self.stream.name.split(":")[0], cfg.branch, registry)
         self.target_at = None        # wall time of the `run --once` target snapshot
         self.source = self.primary = self.target = None
         self.tables = []
+        self.upload_names: list[str] = []
         self.reader = None
         self.config_version = 0
         self.last_ack = 0.0
@@ -160,6 +162,8 @@ class Session:
         self.applier.prepare_session()
         self.applier.load_waiting()
         self.config_version = pos.config_version
+        from . import uploads
+        self.upload_names = uploads.select(self.cfg, uploads.offered(self.source))   # run carries them too
         log.info("branch %s: replicating %d tables of catalogs %s", self.cfg.branch, len(tables),
                  ", ".join(sel.names))
         self.retry_waiting()
@@ -391,72 +395,126 @@ class Session:
 
 def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = None,
         metrics_listen: str | None = None) -> int:
-    """Keep the branch in step until stopped; with once=True catch up and return.
-    metrics_listen (HOST:PORT): serve Prometheus metrics there while running."""
+    """Keep the branch in step until stopped, both flows: the catalogs down (this thread) and
+    the branch's uploads up (a second thread, when HQ defines uploads for it); with
+    once=True catch both up and return.  metrics_listen (HOST:PORT): serve Prometheus
+    metrics there while running."""
     stop = stop or threading.Event()
     session = Session(cfg)
     session.stop = stop
     server = metrics_mod.serve(session.metrics.registry, metrics_listen) if metrics_listen else None
     previous = _install_signal_handlers(stop)
-    outage_since = None
-    rebound = False
+    up, failed = None, []
     try:
         # A problem at start (config, password, schema, HQ unreachable) is an error, not an outage.
         session.open()
-        session.target_at = time.time()
-        target = current_snapshot(session.source) if once else None
-        systemd.notify(f"READY=1\nSTATUS=replicating {len(session.tables)} tables")
-        watchdog = systemd.Watchdog()
-        while not stop.is_set():
-            watchdog.feed()
-            try:
-                if session.source is None:
-                    session.open()
-                    log.info("reconnected after %.1f s; resuming", time.monotonic() - outage_since)
-                    outage_since = None
-                if once and _caught_up(session, target):
-                    return 0
-                applied = session.step(target)
-                rebound = False
-                if not once and applied == 0:
-                    stop.wait(session.poll_wait())
-            except _Rebind:
-                log.info("a branch table's columns changed while running; reading its definition again")
-                session.config_version = None
-            except _Reload:
-                log.info("table states changed on the branch (init); reloading")
-                session.config_version = None   # step() reloads, inside this try (outages included)
-            except psycopg.errors.SerializationFailure as e:
-                # A hot standby cancels a read that conflicts with the WAL it replays: the
-                # chunk was rolled back with its position; read it again.
-                log.info("HQ cancelled a read (%s); reading again", e.diag.message_primary)
-                stop.wait(session.poll_wait())
-            except psycopg.errors.DatatypeMismatch as e:
-                # Binary records fit the branch table as it was bound; one altered (or re-created)
-                # since then refuses them.  Bind again, once: a table that still does not fit is a
-                # schema mismatch, and that is reported.
-                if rebound:
-                    _explain_failure(session, e)
-                    raise
-                log.info("a branch table changed while running (%s); reading its definition again",
-                         e.diag.message_primary)
-                rebound = True
-                session.config_version = None
-            except (psycopg.OperationalError, psycopg.InterfaceError, ReplicatorError) as e:
-                if isinstance(e, ReplicatorError) and not _is_connection_error(e):
-                    raise
-                outage_since = _outage(session, e, outage_since, stop)
-            except psycopg.DatabaseError as e:
-                _explain_failure(session, e)
-                raise
+        up = _open_uploads(session, stop)
+        thread = None
+        if up is not None:
+            def upload_loop():
+                try:
+                    _loop(up, once, stop)
+                except BaseException as e:      # the run stops with the first failure of either flow
+                    failed.append(e)
+                    stop.set()
+            thread = threading.Thread(target=upload_loop, name="uploads", daemon=True)
+            thread.start()
+        systemd.notify(f"READY=1\nSTATUS=replicating {len(session.tables)} tables"
+                       + (f", uploading {len(up.tables)}" if up is not None else ""))
+        try:
+            _loop(session, once, stop, systemd.Watchdog())
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            if thread is not None:
+                if not once:
+                    stop.set()
+                thread.join()
+        if failed:
+            raise failed[0]
         return 0
     finally:
         systemd.notify("STOPPING=1")
         session.close()
+        if up is not None:
+            up.close()
         _restore_signal_handlers(previous)
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+def _open_uploads(session: Session, stop: threading.Event):
+    """The upload stream's session, or None when the branch uploads nothing (or has not
+    initialized its uploads yet: then the catalogs still flow, and it is said)."""
+    from . import uploads
+    if not session.upload_names:
+        return None
+    up = uploads.UploadSession(session.cfg, registry=session.metrics.registry)
+    up.stop = stop
+    try:
+        up.open()
+    except NotInitialized as e:
+        up.close()
+        log.warning("%s; carrying the catalogs only", e)
+        return None
+    except BaseException:
+        up.close()
+        raise
+    return up
+
+
+def _loop(session: Session, once: bool, stop: threading.Event, watchdog=None) -> None:
+    """One stream's loop: steps, outages (reconnect with backoff) and reloads."""
+    outage_since = None
+    rebound = False
+    session.target_at = time.time()
+    target = current_snapshot(session.source) if once else None
+    while not stop.is_set():
+        if watchdog is not None:
+            watchdog.feed()
+        try:
+            if session.source is None:
+                session.open()
+                log.info("reconnected after %.1f s; resuming", time.monotonic() - outage_since)
+                outage_since = None
+            if once and _caught_up(session, target):
+                return
+            applied = session.step(target)
+            rebound = False
+            if not once and applied == 0:
+                stop.wait(session.poll_wait())
+        except _Rebind:
+            log.info("a %s table's columns changed while running; reading its definition again",
+                     session.stream.target_label)
+            session.config_version = None
+        except _Reload:
+            log.info("table states changed on the %s (init); reloading", session.stream.target_label)
+            session.config_version = None   # step() reloads, inside this try (outages included)
+        except psycopg.errors.SerializationFailure as e:
+            # A hot standby cancels a read that conflicts with the WAL it replays: the
+            # chunk was rolled back with its position; read it again.
+            log.info("HQ cancelled a read (%s); reading again", e.diag.message_primary)
+            stop.wait(session.poll_wait())
+        except psycopg.errors.DatatypeMismatch as e:
+            # Binary records fit the target table as it was bound; one altered (or re-created)
+            # since then refuses them.  Bind again, once: a table that still does not fit is a
+            # schema mismatch, and that is reported.
+            if rebound:
+                _explain_failure(session, e)
+                raise
+            log.info("a %s table changed while running (%s); reading its definition again",
+                     session.stream.target_label, e.diag.message_primary)
+            rebound = True
+            session.config_version = None
+        except (psycopg.OperationalError, psycopg.InterfaceError, ReplicatorError) as e:
+            if isinstance(e, ReplicatorError) and not _is_connection_error(e):
+                raise
+            outage_since = _outage(session, e, outage_since, stop)
+        except psycopg.DatabaseError as e:
+            _explain_failure(session, e)
+            raise
 
 
 def _caught_up(session: Session, target: str) -> bool:

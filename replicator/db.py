@@ -203,6 +203,18 @@ def applied_versions(conn: psycopg.Connection, side: str) -> set[int]:
     return {r[0] for r in conn.execute("SELECT version FROM replication.versions WHERE side = %s", (side,))}
 
 
+def migration_script(side: str, heading: str = "migration") -> list[str]:
+    """One side's migrations as script blocks for a DBA's migration tool: each refuses to run
+    twice and records itself, as `migrate` does."""
+    return [f"\n-- {heading} {version:03d}_{name}\nBEGIN;\n"
+            f"DO $v$ BEGIN IF EXISTS (SELECT FROM replication.versions "
+            f"WHERE side = '{side}' AND version = {version}) THEN "
+            f"RAISE EXCEPTION 'migration {version} already applied: skip this block'; "
+            f"END IF; END $v$;\n{text.rstrip()}\n"
+            f"INSERT INTO replication.versions (side, version, name) VALUES ('{side}', {version}, '{name}');\n"
+            "COMMIT;" for version, name, text in migrations(side)]
+
+
 def migrate(conn: psycopg.Connection, side: str) -> list[str]:
     """Apply one side's pending migrations, each in its own transaction; return their names."""
     done = []

@@ -214,6 +214,12 @@ def _check_params(conn: psycopg.Connection, params: dict) -> None:
             "WHERE active AND filter IS NOT NULL ORDER BY id"):
         filters.append((schema, table, parse_filter(f"{schema}.{table}", text,
                                                     hq_columns(conn, schema, table))))
+    if conn.execute("SELECT to_regclass('replication.upload_tables') IS NOT NULL").fetchone()[0]:
+        # an upload's owner predicate says which rows the branch owns: its parameters too
+        for schema, table, text in conn.execute(
+                "SELECT schema_name, table_name, owner FROM replication.upload_tables ORDER BY 1, 2"):
+            filters.append((schema, table, parse_filter(f"{schema}.{table}", text,
+                                                        hq_columns(conn, schema, table))))
     needed = set().union(*(f.params for _, _, f in filters))
     missing = needed - set(params)
     if missing:
@@ -221,7 +227,7 @@ def _check_params(conn: psycopg.Connection, params: dict) -> None:
                           + " --param ".join(f"{m}=VALUE" for m in sorted(missing)), None, None, "--param")
     unknown = set(params) - needed
     if unknown:
-        log.warning("parameters %s are not used by any filter on HQ", ", ".join(sorted(unknown)))
+        log.warning("parameters %s are not used by any filter or owner predicate on HQ", ", ".join(sorted(unknown)))
     for schema, table, flt in filters:
         query = sql.SQL("SELECT FROM {} WHERE ({}) LIMIT 0").format(
             sql.Identifier(schema, table), render(flt, params, sql.Identifier))
@@ -294,6 +300,9 @@ class BranchStatus:
     pending: int | None          # logged changes not yet in its acked position
     lag: timedelta | None        # age of the oldest of those
     set_aside: int = 0           # changes it refused and set aside, as last reported
+    sales_until: datetime | None = None   # branch time of the newest upload HQ holds
+    sales_pending: int | None = None      # upload changes still on the branch, as it last reported
+    sales_set_aside: int = 0              # its upload rows HQ refused (outside its slice, ...)
 
     def stale(self, after: float = STALE_AFTER) -> bool:
         """An active branch that has not reported for `after` seconds (or never)."""
@@ -306,14 +315,22 @@ class BranchStatus:
                 "last_report": self.acked_at.isoformat() if self.acked_at else None,
                 "applied_until": self.applied_until.isoformat() if self.applied_until else None,
                 "pending": self.pending, "lag_seconds": None if self.lag is None else self.lag.total_seconds(),
-                "set_aside": self.set_aside, "stale": self.stale()}
+                "set_aside": self.set_aside, "stale": self.stale(),
+                "sales": {"uploaded_until": self.sales_until.isoformat() if self.sales_until else None,
+                          "pending": self.sales_pending, "set_aside": self.sales_set_aside}}
 
 
 def status(conn: psycopg.Connection) -> list[BranchStatus]:
     db.require_version(conn, "capture", "HQ")
+    uploads = conn.execute("SELECT to_regclass('replication.position') IS NOT NULL AND "
+                           "to_regclass('replication.set_aside') IS NOT NULL").fetchone()[0]
+    sales = ("""(SELECT applied_until FROM replication.position WHERE stream = 'uploads:' || b.name),
+                  b.uploads_pending,
+                  (SELECT count(*) FROM replication.set_aside WHERE stream = 'uploads:' || b.name)::int"""
+             if uploads else "NULL::timestamptz, NULL::bigint, 0")
     rows = conn.execute(
         """SELECT b.name, b.role, b.params, b.active, b.acked_at, b.applied_until, p.pending,
-                  now() - p.oldest, b.set_aside
+                  now() - p.oldest, b.set_aside, """ + sales + """
              FROM replication.branches b
              LEFT JOIN LATERAL (
                   SELECT coalesce(sum(coalesce(cardinality(l.rows), 1)), 0) AS pending, min(l.ts) AS oldest

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector, \
@@ -44,30 +45,46 @@ def serve(registry: CollectorRegistry, listen: str, option: str = "--metrics"):
     return server
 
 
+_FAMILIES: "weakref.WeakKeyDictionary[CollectorRegistry, dict]" = weakref.WeakKeyDictionary()
+
+
+def _families(registry: CollectorRegistry):
+    """Each metric family once per registry: the streams of one run share them (by labels)."""
+    made = _FAMILIES.setdefault(registry, {})
+
+    def family(cls, name: str, doc: str, labels):
+        if name not in made:
+            made[name] = cls(name, doc, labels, registry=registry)
+        return made[name]
+    return family
+
+
 class StreamMetrics:
     """One stream's metrics in a run (a registry of its own: tests and the demo run several)."""
 
-    def __init__(self, stream: str, branch: str):
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
+    def __init__(self, stream: str, branch: str, registry: CollectorRegistry | None = None):
+        """registry: another stream's of the same run, so one endpoint serves both."""
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.registry = registry
         r, labels = self.registry, dict(stream=stream, branch=branch)
         self.synced_at = time.time()      # source time of the newest state the target fully holds;
         # run sets it from the position's last move at start, so a branch back from a day off
         # shows a day of lag until it has caught up
-        self.lag = Gauge("replicator_lag_seconds", "Age of the source state the target fully holds: "
-                         "seconds since the source snapshot this stream last caught up with", _LABELS,
-                         registry=r).labels(**labels)
+        fam = _families(r)
+        self.lag = fam(Gauge, "replicator_lag_seconds", "Age of the source state the target fully holds: "
+                       "seconds since the source snapshot this stream last caught up with", _LABELS).labels(**labels)
         self.lag.set_function(lambda: max(0.0, time.time() - self.synced_at))
-        self.applied = Counter("replicator_changes_applied", "Changes applied to the target",
-                               _LABELS, registry=r).labels(**labels)
-        self.set_aside = Gauge("replicator_rows_set_aside", "Changes the target refused, set aside and "
-                               "waiting (replicator set-aside list)", _LABELS, registry=r).labels(**labels)
-        self.last_apply = Gauge("replicator_last_apply_timestamp_seconds", "Unix time of the last "
-                                "transaction that applied changes", _LABELS, registry=r).labels(**labels)
-        self._errors = Counter("replicator_errors", "Errors by kind: connection (an outage, retried), "
-                               "position_report (the source refused it), fatal (run stopped)",
-                               (*_LABELS, "kind"), registry=r)
+        self.applied = fam(Counter, "replicator_changes_applied", "Changes applied to the target",
+                           _LABELS).labels(**labels)
+        self.set_aside = fam(Gauge, "replicator_rows_set_aside", "Changes the target refused, set aside and "
+                             "waiting (replicator set-aside list)", _LABELS).labels(**labels)
+        self.last_apply = fam(Gauge, "replicator_last_apply_timestamp_seconds", "Unix time of the last "
+                              "transaction that applied changes", _LABELS).labels(**labels)
+        self._errors = fam(Counter, "replicator_errors", "Errors by kind: connection (an outage, retried), "
+                           "position_report (the source refused it), fatal (run stopped)", (*_LABELS, "kind"))
         self._labels = labels
         for kind in ("connection", "position_report", "fatal"):
             self._errors.labels(**labels, kind=kind)      # every series exists from the start

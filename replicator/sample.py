@@ -618,8 +618,8 @@ _STEPS: list[tuple[str, str]] = [
          ORDER BY 1, 2
     """),
     ("sale_lines", """
-        INSERT INTO public.sale_lines (register_id, folio, line_no, item_id, quantity, price)
-        SELECT s.register_id, s.folio, ln, x.item_id,
+        INSERT INTO public.sale_lines (register_id, folio, line_no, store_id, item_id, quantity, price)
+        SELECT s.register_id, s.folio, ln, s.store_id, x.item_id,
                CASE WHEN pg_temp.rnd('line.return', x.key) < 0.02 THEN -1
                     ELSE pg_temp.rint('line.qty', x.key, 1, 4) END,
                p.price
@@ -946,10 +946,10 @@ def random_sales(conn: psycopg.Connection, n: int, rng: random.Random,
                 if row is None:
                     raise ValueError("no active item to sell; load the items catalog first")
                 written += conn.execute(
-                    "INSERT INTO public.sale_lines (register_id, folio, line_no, item_id, quantity, price)"
-                    " SELECT %s, %s, %s, %s, %s, coalesce((SELECT price FROM public.item_prices"
+                    "INSERT INTO public.sale_lines (register_id, folio, line_no, store_id, item_id, quantity,"
+                    " price) SELECT %s, %s, %s, %s, %s, %s, coalesce((SELECT price FROM public.item_prices"
                     "  WHERE item_id = %s AND policy_id = 1), 0)",
-                    (register, folio, line, row[0], rng.randint(1, 3), row[0])).rowcount
+                    (register, folio, line, store, row[0], rng.randint(1, 3), row[0])).rowcount
             conn.execute(
                 "UPDATE public.sales SET total = (SELECT coalesce(round(sum(quantity * price), 2), 0)"
                 " FROM public.sale_lines WHERE register_id = %s AND folio = %s)"

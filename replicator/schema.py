@@ -43,6 +43,11 @@ class Table:
     record_type: int | None = None    # branch row type OID when changes travel as binary records
     capture_since: str | None = None  # xid at which HQ (re)started capturing it (migration 006)
     rows_restricted: bool = False     # this login reads its HQ rows through read_rows (migration 007)
+    owner: str | None = None          # an upload's HQ table: the owner predicate of this login's slice
+
+    @property
+    def sliced(self) -> bool:
+        return self.owner is not None
 
     @property
     def qualified(self) -> str:

@@ -33,6 +33,7 @@ class Stream:
     member: str                # the target as its source registered it
     source_label: str = "HQ"   # how messages name each end
     target_label: str = "branch"
+    target_pooled: bool = False  # the target is HQ (uploads): maybe behind PgBouncer, maybe multi-host
 
 
 def catalogs(cfg: BranchConfig) -> Stream:
@@ -40,10 +41,10 @@ def catalogs(cfg: BranchConfig) -> Stream:
     return Stream(CATALOGS, cfg.source_dsn, cfg.target_dsn, cfg.branch)
 
 
-def multi_host(dsn: str) -> bool:
+def multi_host(dsn: str, side: str = "HQ") -> bool:
     """A libpq DSN listing several hosts (a primary and its hot standbys) that does not
     say itself which kind of server it wants."""
-    parts = db.check_dsn(dsn, "source")
+    parts = db.check_dsn(dsn, side)
     return "," in (parts.get("host") or parts.get("hostaddr") or "") and "target_session_attrs" not in parts
 
 
@@ -67,13 +68,17 @@ class Ends:
     def __enter__(self) -> "Ends":
         s = self.stream
         try:
-            if multi_host(s.source_dsn):
+            if multi_host(s.source_dsn, s.source_label):
                 self.source = self._source("prefer-standby")
                 self.primary = self._source("read-write")
             else:
                 self.source = self.primary = self._source(None)
             self.target = db.connect(s.target_dsn, s.target_label, autocommit=True,
-                                     application=self.application)
+                                     application=self.application,
+                                     session_attrs="read-write" if s.target_pooled and multi_host(s.target_dsn, s.target_label)
+                                     else None)
+            if s.target_pooled:
+                self.target.prepare_threshold = None     # PgBouncer in transaction pooling
         except BaseException:
             self.close()
             raise

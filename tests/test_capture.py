@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from replicator.db import migrations
 from replicator.errors import ConfigError
 import yaml
 
@@ -107,13 +108,13 @@ def test_upgrade_from_migration_001_regenerates_capture_without_notify(tmp_path,
     a = Branch("a", branch_a, tmp_path / "a.yaml")
     r = a.cli("init")
     assert r.returncode == 1 and r.stderr == ("error: HQ replication schema is out of date (missing migrations "
-                                              "[2, 3, 4, 5, 6, 7, 8, 9]); run `replicator hq install -c hq.yaml`\n"), r.stderr
+                                              f"{[v for v, _, _ in migrations('capture')][1:]}); run `replicator hq install -c hq.yaml`\n"), r.stderr
     assert branch_a.execute("SELECT id, name FROM items") == [(7, "local")]
     assert branch_a.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'replicat%'") == 0
     report = s.install()
     assert report.migrations == ["002_notify_setting", "003_lean_capture", "004_stable_plans", "005_bulk_chunks",
                                  "006_hq_first", "007_branch_rows", "008_partitioned_sources",
-                                 "009_set_aside_counts"]
+                                 "009_set_aside_counts", "010_uploads"]
     assert report.attached == ["public.items"]
     source = _capture_source(hq)
     assert "notify" not in source and "n.* IS NULL" not in source and "enable_mergejoin" in source

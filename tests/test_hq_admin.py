@@ -33,7 +33,7 @@ def _registry(db) -> list:
         db.execute("SELECT tgrelid::regclass::text, tgname, tgfoid::regproc::text, tgtype FROM pg_trigger "
                    "WHERE tgname LIKE 'replicator%' ORDER BY 1, 2"),
         db.execute("SELECT proname, prosecdef, md5(prosrc), proacl::text FROM pg_proc "
-                   "WHERE pronamespace = 'replication'::regnamespace ORDER BY 1"),
+                   "WHERE pronamespace = 'replication'::regnamespace ORDER BY 1, 3"),
         db.execute("SELECT c.relname, c.relacl::text, (SELECT array_agg(a.attname::text || ':' || a.attacl::text "
                    "ORDER BY a.attnum) FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attacl IS NOT NULL) "
                    "FROM pg_class c WHERE c.relnamespace IN ('public'::regnamespace, 'replication'::regnamespace) "
@@ -70,7 +70,9 @@ def test_hq_sql_is_everything_hq_install_does(bare_pos, branch_a):
     r = replicator_cli("hq", "install", "-c", str(HQ_YAML), env={"REPLICATOR_HQ_DSN": branch_a.dsn})
     assert r.returncode == 0, r.stderr
     assert r.stdout == "".join(f"row restriction for branch logins rebuilt: public.{t}\n"
-                               for t in ("registers", "stock", "devices")), r.stdout
+                               for t in ("registers", "stock", "devices")) + "".join(
+        f"upload target: public.{t} (branch logins write only their slice)\n" for t in ("sales", "sale_lines")
+    ), r.stdout
     assert _registry(branch_a) == _registry(bare_pos.hq)
     # 4 statement triggers and the key-change row trigger per table, and the registry's own
     assert len(_registry(bare_pos.hq)[3]) == 5 * 19 + 1
@@ -176,7 +178,8 @@ def _status(pos: Pos, config_path=HQ_YAML) -> dict[str, list[str]]:
     r = pos.hq_cli("status", config_path=config_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["branch", "last", "report", "pending", "set", "aside", "lag"]
+    assert lines[0].split() == ["branch", "last", "report", "pending", "set", "aside", "lag",
+                                "sales", "up", "to", "pending", "set", "aside"]
     return {line.split()[0]: line.split()[1:] for line in lines[1:]}
 
 
@@ -212,7 +215,7 @@ def test_status_prune_and_a_branch_that_fell_behind(pos, branch_a, branch_b, tmp
     st = _status(pos)
     assert st[a.name][2:5] == ["0", "0", "-"]                 # date, time, pending, set aside, lag
     assert st[b.name][2:4] == ["45", "0"] and st[b.name][5] == "s"      # ... "45  0  3.2 s"
-    assert st[never.name] == ["never", "-", "0", "-"]
+    assert st[never.name] == ["never", "-", "0", "-", "-", "-", "0"]     # ... and no sales uploaded
 
     # retention keeps everything young; without retention only what every active branch has goes
     assert _prune(pos, HQ_YAML).startswith("pruned 0 log rows")

@@ -312,6 +312,7 @@ CREATE TABLE public.sale_lines (
     register_id  integer NOT NULL,
     folio        bigint NOT NULL,
     line_no      smallint NOT NULL CHECK (line_no > 0),
+    store_id     integer NOT NULL,                               -- the sale's store: the line's owner at HQ
     item_id      bigint NOT NULL REFERENCES public.items,
     quantity     numeric(14,3) NOT NULL CHECK (quantity <> 0),   -- negative: a return
     price        numeric(14,4) NOT NULL CHECK (price >= 0),

@@ -1,0 +1,491 @@
+"""Uploads: every branch's sales up to HQ, on the same engine as the catalogs.
+
+A branch's uploads are one stream, `uploads:<branch>`, with the branch as its source and
+HQ as its target: capture (sql/capture) on the branch's upload tables, the reader over
+the branch's own change log, the applier writing HQ's tables through the branch's HQ
+login, and the stream's position, copy states and set-aside rows in HQ's target-side
+tables (sql/target), written in the same HQ transaction as the rows.
+
+Many branches write the same HQ tables.  Each owns its slice, the upload's owner
+predicate filled with its registered parameters, and PostgreSQL enforces it: `hq install`
+puts a restrictive row-level security policy on each upload table for branch logins (and
+on HQ's target-side tables, keyed by the login's stream).  A branch login from psql can
+write nothing outside its slice; a row the replicator sends outside it, or whose key is
+another branch's row, is refused by HQ and set aside with the reason (apply.py), and the
+other sales go on.  A TRUNCATE or an `init --force` at the branch empties only its slice:
+row-level security confines the DELETE.
+
+Nothing here touches the branch's sales transactions: capture writes the local log, and
+the register never waits for HQ.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from . import db, state
+from .apply import Applier
+from .config import BranchConfig, HQConfig, UploadSpec, table_display
+from .daemon import Session
+from .errors import ConfigError, LockHeld, NotInitialized, ReplicatorError, UnknownCatalog
+from .filters import parse_filter, render_for_any_branch
+from .reader import LogReader, covers
+from .schema import Table, bind_target, source_tables
+from .stream import Ends, Stream
+
+log = logging.getLogger(__name__)
+
+PREFIX = "uploads:"
+# HQ's target-side tables a branch login writes, each only in its own stream's rows.
+STATE_TABLES = ("position", "target_tables", "set_aside", "discarded")
+PRUNE_INTERVAL = 60.0     # seconds between prunes of what HQ holds from the branch's log
+REPORT_INTERVAL = 5.0     # seconds between reports of pending changes to HQ
+
+
+def stream(cfg: BranchConfig) -> Stream:
+    """The branch's upload stream: its database up to HQ, through its HQ login."""
+    return Stream(PREFIX + cfg.branch, cfg.target_dsn, cfg.source_dsn, cfg.branch,
+                  source_label="branch", target_label="HQ", target_pooled=True)
+
+
+# ------------------------------------------------------------------ HQ side
+
+@dataclass
+class TargetReport:
+    changed: list[str] = field(default_factory=list)    # tables whose protection was (re)built
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_targets(conn: psycopg.Connection, cfg: HQConfig) -> None:
+    """Every upload table and owner predicate of hq.yaml is usable at HQ: `hq install` asks
+    this before it changes anything."""
+    for up in cfg.uploads.values():
+        for t in up.tables:
+            _check_table(conn, cfg, up, t)
+
+
+def install_targets(conn: psycopg.Connection, cfg: HQConfig) -> TargetReport:
+    """What uploads need at HQ: the target side's tables, the registry of uploads, and each
+    upload table's slice enforced by row-level security for branch logins (idempotent).
+    Runs after the capture migrations (010 creates the registry)."""
+    report = TargetReport()
+    had = conn.execute("SELECT count(*) FROM replication.uploads").fetchone()[0]
+    if not cfg.uploads and not had:
+        return report
+    checked = [(up, t, _check_table(conn, cfg, up, t)) for up in cfg.uploads.values() for t in up.tables]
+    db.migrate(conn, "target")
+    with conn.transaction():
+        path = conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone()[0]
+        conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
+        _register(conn, cfg)
+        for up, t, (cols, keys) in checked:
+            flt = parse_filter(t.name, t.filter, cols)
+            pred = render_for_any_branch(flt, sql.Identifier)
+            if _protect(conn, sql.Identifier(t.schema, t.relname), "replicator_slice", pred):
+                report.changed.append(t.name)
+            apart = set(flt.column_types) | ({up.folios.register} if up.folios else set())
+            if not apart & set(keys):
+                report.warnings.append(
+                    f"upload {up.name}: the primary key of {t.name} ({', '.join(keys)}) holds none of "
+                    f"{', '.join(sorted(apart))}, so two branches can send the same key and the second "
+                    "one's row is set aside; key sales by register (fiscal folios per register)")
+        for name in STATE_TABLES:
+            _protect(conn, sql.Identifier("replication", name), "replicator_stream",
+                     sql.SQL("stream OPERATOR(pg_catalog.=) (SELECT replication.upload_stream())"))
+        # Apply runs in replica mode (DESIGN §5): FK checks and ordinary triggers stay quiet,
+        # ENABLE ALWAYS ones fire.  A branch login may set it for its own session only.
+        conn.execute("GRANT SET ON PARAMETER session_replication_role TO replicator_branch")
+        conn.execute("SELECT pg_catalog.set_config('search_path', %s, true)", (path,))
+    for name in report.changed:
+        log.info("upload target %s: writes of branch logins confined to their slice", name)
+    for w in report.warnings:
+        log.warning("%s", w)
+    return report
+
+
+def _check_table(conn: psycopg.Connection, cfg: HQConfig, up: UploadSpec, t) -> tuple[dict, list[str]]:
+    """The HQ table exists with a primary key and its owner predicate parses over its columns."""
+    from .capture import _spelling_hint, hq_columns
+    cols = hq_columns(conn, t.schema, t.relname)
+    if not cols:
+        raise ConfigError(f"upload {up.name}: table {t.name} does not exist on HQ; "
+                          f"{_spelling_hint(conn, t.schema, t.relname)}", cfg.path)
+    keys = conn.execute(
+        """SELECT array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i
+            CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+            WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND i.indisprimary""",
+        (t.schema, t.relname)).fetchone()[0]
+    if not keys:
+        raise ConfigError(f"upload {up.name}: table {t.name} has no primary key; add one (the sale's key, "
+                          "holding its register)", cfg.path)
+    try:
+        parse_filter(t.name, t.filter, cols)
+    except (ValueError, ConfigError) as e:
+        reason = getattr(e, "reason", None) or str(e)
+        raise ConfigError(f"upload {up.name}: the owner predicate of {t.name} ({t.filter}) is refused: {reason}",
+                          cfg.path) from None
+    if up.folios and up.folios.table == t.name:
+        for c in (up.folios.register, up.folios.folio):
+            if c not in cols:
+                raise ConfigError(f"upload {up.name}: folios: {t.name} has no column {c}", cfg.path)
+    other = conn.execute(
+        "SELECT string_agg(polname, ', ') FROM pg_policy WHERE polrelid = to_regclass(format('%%I.%%I', "
+        "%s::text, %s::text)) AND polname NOT LIKE 'replicator%%'", (t.schema, t.relname)).fetchone()[0]
+    if other:
+        raise ConfigError(f"upload {up.name}: table {t.name} has row-level security policies of its own "
+                          f"({other}); an upload table's policies are replicator's (README, Uploads)", cfg.path)
+    return cols, keys
+
+
+def _register(conn: psycopg.Connection, cfg: HQConfig) -> None:
+    """replication.uploads as hq.yaml has them; a table no longer uploaded loses its policies."""
+    keep = [(t.schema, t.relname) for up in cfg.uploads.values() for t in up.tables]
+    for schema, name in conn.execute("SELECT schema_name::text, table_name::text FROM replication.upload_tables"
+                                     ).fetchall():
+        if (schema, name) not in keep and conn.execute("SELECT to_regclass(%s)", (
+                sql.Identifier(schema, name).as_string(conn),)).fetchone()[0]:
+            table = sql.Identifier(schema, name)
+            for policy in ("replicator_slice", "replicator_hq"):
+                conn.execute(sql.SQL("DROP POLICY IF EXISTS {} ON {}").format(sql.Identifier(policy), table))
+            conn.execute(sql.SQL("REVOKE SELECT, INSERT, UPDATE, DELETE ON {} FROM replicator_branch").format(table))
+            log.info("%s is no longer an upload target; branch logins lost their rights on it",
+                     table_display(schema, name))
+    conn.execute("DELETE FROM replication.uploads WHERE name <> ALL (%s)", (list(cfg.uploads),))
+    for up in cfg.uploads.values():
+        folios = None if up.folios is None else psycopg.types.json.Jsonb(
+            {"table": up.folios.table, "register": up.folios.register, "folio": up.folios.folio})
+        conn.execute("INSERT INTO replication.uploads (name, label, is_default, folios) VALUES (%s, %s, %s, %s) "
+                     "ON CONFLICT (name) DO UPDATE SET label = EXCLUDED.label, is_default = EXCLUDED.is_default, "
+                     "folios = EXCLUDED.folios", (up.name, up.label, up.default, folios))
+        conn.execute("DELETE FROM replication.upload_tables WHERE upload = %s", (up.name,))
+        for t in up.tables:
+            conn.execute("DELETE FROM replication.upload_tables WHERE schema_name = %s AND table_name = %s",
+                         (t.schema, t.relname))
+            conn.execute("INSERT INTO replication.upload_tables (upload, schema_name, table_name, owner) "
+                         "VALUES (%s, %s, %s, %s)", (up.name, t.schema, t.relname, t.filter))
+
+
+def _protect(conn: psycopg.Connection, table: sql.Identifier, name: str, predicate: sql.Composable) -> bool:
+    """Row-level security on `table`: every other role as before (a permissive policy for all),
+    branch logins only where `predicate` holds (restrictive, for reads and writes), and their
+    grants.  CREATE POLICY locks the table against HQ's writers until install commits, so it
+    runs only when the predicate changed (its digest is the policy's comment)."""
+    text = predicate.as_string(conn)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    current = conn.execute("SELECT obj_description(oid, 'pg_policy') FROM pg_policy WHERE polname = %s "
+                           "AND polrelid = to_regclass(%s)", (name, table.as_string(conn))).fetchone()
+    conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO replicator_branch").format(table))
+    if current and current[0] == digest:
+        return False
+    policy = sql.Identifier(name)
+    conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(table))
+    conn.execute(sql.SQL("DROP POLICY IF EXISTS replicator_hq ON {}").format(table))
+    conn.execute(sql.SQL("CREATE POLICY replicator_hq ON {} USING (true) WITH CHECK (true)").format(table))
+    conn.execute(sql.SQL("DROP POLICY IF EXISTS {} ON {}").format(policy, table))
+    conn.execute(sql.SQL("CREATE POLICY {} ON {} AS RESTRICTIVE TO replicator_branch USING (({p}) IS TRUE) "
+                         "WITH CHECK (({p}) IS TRUE)").format(policy, table, p=sql.SQL(text)))
+    conn.execute(sql.SQL("COMMENT ON POLICY {} ON {} IS {}").format(policy, table, sql.Literal(digest)))
+    return True
+
+
+# --------------------------------------------------------------- selection
+
+@dataclass
+class Upload:
+    name: str
+    label: str
+    default: bool
+    tables: list[tuple[str, str, str]]     # (schema, table, owner predicate)
+
+
+def offered(hq: psycopg.Connection) -> dict[str, Upload]:
+    """The uploads HQ defines (empty for an HQ without them, or older than uploads)."""
+    if not hq.execute("SELECT to_regclass('replication.uploads') IS NOT NULL").fetchone()[0]:
+        return {}
+    out = {name: Upload(name, label, default, []) for name, label, default in hq.execute(
+        "SELECT name, label, is_default FROM replication.uploads ORDER BY name")}
+    for up, schema, name, owner in hq.execute(
+            "SELECT upload, schema_name::text, table_name::text, owner FROM replication.upload_tables "
+            "ORDER BY upload, schema_name, table_name"):
+        out[up].tables.append((schema, name, owner))
+    return out
+
+
+def select(cfg: BranchConfig, ups: dict[str, Upload]) -> list[str]:
+    """branch.yaml's `uploads:`, or HQ's defaults when it names none."""
+    if cfg.uploads is None:
+        return [u.name for u in ups.values() if u.default]
+    unknown = [u for u in cfg.uploads if u not in ups]
+    if unknown:
+        raise UnknownCatalog(f"unknown upload {', '.join(unknown)} (HQ does not define it); HQ defines: "
+                             f"{', '.join(ups) or '(none)'}", cfg.path, cfg.lines.get("uploads"), "uploads")
+    return list(cfg.uploads)
+
+
+def capture_statements(ups: list[Upload]) -> list[sql.Composed]:
+    """Capture of the upload tables on the branch, as the registry calls HQ uses for catalogs."""
+    stmts, tables = [], []
+    for up in ups:
+        stmts.append(sql.SQL("SELECT replication.define_catalog({}, {}, {})").format(
+            sql.Literal(up.name), sql.Literal(up.label), sql.Literal(True)))
+        for schema, name, _owner in up.tables:
+            tables.append(f"{schema}.{name}")
+            stmts.append(sql.SQL("SELECT replication.attach_table({}, {}, {}, NULL, '{{}}'::text[])").format(
+                sql.Literal(up.name), sql.Literal(schema), sql.Literal(name)))
+    # a branch's registry is its uploads (and, chained, what it re-serves: those stay)
+    return stmts
+
+
+def install_capture(branch: psycopg.Connection, ups: list[Upload]) -> list[str]:
+    """Capture on the branch's upload tables (idempotent): migrations, then attach."""
+    missing = [table_display(s, n) for up in ups for s, n, _ in up.tables
+               if not branch.execute("SELECT to_regclass(%s)", (sql.Identifier(s, n).as_string(branch),)
+                                     ).fetchone()[0]]
+    if missing:
+        raise ReplicatorError(f"upload table {', '.join(missing)} is missing on the branch; create it with "
+                              "HQ's definition (the POS schema)")
+    done = db.migrate(branch, "capture")
+    with branch.transaction():
+        for stmt in capture_statements(ups):
+            branch.execute(stmt)
+    return done
+
+
+def tables_for(branch: psycopg.Connection, hq: psycopg.Connection, ups: list[Upload]) -> list[Table]:
+    """The branch's captured upload tables, bound to HQ's (HQ's columns are written)."""
+    tables = source_tables(branch, [u.name for u in ups])
+    owners = {(s, n): o for u in ups for s, n, o in u.tables}
+    tables = [t for t in tables if (t.schema, t.name) in owners]
+    for t in tables:
+        t.owner = owners[(t.schema, t.name)]
+    try:
+        bind_target(hq, tables)
+    except ReplicatorError as e:
+        raise ReplicatorError(f"upload tables differ between the branch and HQ: {e} (read 'branch' as HQ "
+                              "here: HQ's tables receive the branch's rows)") from e
+    return tables
+
+
+# ------------------------------------------------------------------- init
+
+def initialize(cfg: BranchConfig, force: bool = False) -> list[str]:
+    """Send the branch's existing sales history up into its slice at HQ: capture first (so
+    nothing sold from now on is missed), then one copy at one branch snapshot, all in one
+    HQ transaction with the stream's position.  Returns the uploads initialized."""
+    st = stream(cfg)
+    with Ends(st, f"replicator init {cfg.branch}") as ends:
+        branch, hq = ends.source, ends.target
+        ups = offered(hq)
+        names = select(cfg, ups)
+        if not names:
+            return []
+        chosen = [ups[n] for n in names]
+        db.require_version(hq, "target", "HQ")
+        install_capture(branch, chosen)
+        tables = tables_for(branch, hq, chosen)
+        states = state.table_states(hq, st.name)
+        done = sorted({t.catalog for t in tables if t.qualified in states})
+        todo = names if force else [n for n in names if n not in done]
+        if not todo:
+            if force is False and done:
+                log.info("uploads already initialized: %s", ", ".join(done))
+            return []
+        _copy(branch, hq, st, [t for t in tables if t.catalog in todo])
+        return todo
+
+
+def _copy(branch: psycopg.Connection, hq: psycopg.Connection, st: Stream, tables: list[Table]) -> None:
+    with hq.transaction():
+        hq.execute("SET LOCAL session_replication_role = replica")
+        pos = state.load_position(hq, st.name, lock=True)
+        applier = Applier(hq, st.name, tables, slice_of=st.member)
+        with branch.transaction():
+            branch.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            snap, copied_at = branch.execute("SELECT pg_current_snapshot()::text, now()").fetchone()
+            for t in reversed(tables):
+                hq.execute(sql.SQL("DELETE FROM {}").format(t.ident))     # row-level security: the slice only
+            for t in tables:
+                rows = _send(branch, applier, t)
+                state.mark_copied(hq, st.name, t.schema, t.name, t.catalog, snap, rows)
+                log.info("upload %s: %d rows of %s sent to HQ", t.catalog, rows, t.qualified)
+        if pos is None:
+            # HQ holds the branch's sales as of the copy (status: "uploaded up to")
+            state.save_position(hq, st.name, state.Position(snapshot=snap, applied_until=copied_at))
+        else:
+            state.bump_config(hq, st.name)
+
+
+def _send(branch: psycopg.Connection, applier: Applier, t: Table, chunk: int = 5000) -> int:
+    """A table's rows as the change stream carries them (key, image or binary record), applied
+    as inserts in chunks: refused rows are set aside like changes."""
+    from .reader import _key_expr, _record_expr
+    row = sql.SQL("NULL::text") if t.record_type else sql.SQL("l.row::text")
+    rec = _record_expr(t) if t.record_type else sql.SQL("NULL::bytea")
+    query = sql.SQL("SELECT 0::int8, {tid}, 'I'::text, {key}, {row}, now(), {rec} "
+                    "FROM (SELECT pg_catalog.to_jsonb(s.*) AS row FROM {t} s) l").format(
+        tid=sql.Literal(t.id), key=_key_expr(t), row=row, rec=rec, t=t.ident)
+    n = 0
+    with branch.cursor(name="replicator_upload_copy", binary=True) as cur:
+        cur.itersize = chunk
+        cur.execute(query)
+        while rows := cur.fetchmany(chunk):
+            applier.apply(rows)
+            n += len(rows)
+    return n
+
+
+# -------------------------------------------------------------------- run
+
+class UploadSession(Session):
+    """The upload stream in `run`: the catalog loop's machinery with the ends swapped.  The
+    run lock is on the branch (the source here): nothing session-bound on HQ."""
+
+    def __init__(self, cfg: BranchConfig, app: str = "replicator run", registry=None):
+        super().__init__(cfg, app, stream(cfg), registry)
+        self.ups: list[Upload] = []
+        self.last_prune = 0.0
+        self.last_report = 0.0
+
+    def open(self) -> None:
+        self.ends.__enter__()
+        self.source, self.primary, self.target = self.ends.source, self.ends.primary, self.ends.target
+        self.target.execute("SET jit = off")
+        self._lock()
+        db.require_version(self.target, "target", "HQ")
+        self.load()
+
+    def _lock(self) -> None:
+        from . import locks
+        if not locks.try_run(self.source, self.stream.name):
+            holder = locks.run_holder(self.source, self.stream.name)
+            raise LockHeld(f"another replicator is already uploading this branch's sales"
+                           f"{f' (backend pid {holder[0]}, {holder[1]!r})' if holder else ''}; stop it first "
+                           "(one `replicator run` per branch)")
+
+    def load(self) -> None:
+        pos = state.load_position(self.target, self.stream.name)
+        ups = offered(self.target)
+        names = select(self.cfg, ups)
+        if pos is None:
+            raise NotInitialized(f"uploads {', '.join(names)} of branch {self.cfg.branch} are not initialized; run "
+                                 f"`replicator init -c {self.cfg.path}` first")
+        self.ups = [ups[n] for n in names]
+        install_capture(self.source, self.ups)           # a newer release brings its capture up to date
+        tables = tables_for(self.source, self.target, self.ups)
+        states = state.table_states(self.target, self.stream.name)
+        skip = {}
+        for t in tables:
+            st = states.get(t.qualified)
+            if st is None:
+                log.warning("upload %s (%s) was never initialized: only sales from now on go up; run "
+                            "`replicator init` to send its history", t.catalog, t.qualified)
+            elif st.copy_snapshot and not covers(self.source, pos.snapshot, st.copy_snapshot):
+                skip[t.id] = st.copy_snapshot
+        self.tables = tables
+        self.shape = self._shape()
+        self.reader = LogReader(tables, {}, skip, self.cfg.batch_rows)
+        self.applier = Applier(self.target, self.stream.name, tables, slice_of=self.cfg.branch)
+        self.applier.prepare_session()
+        self.applier.load_waiting()
+        self.config_version = pos.config_version
+        log.info("branch %s: uploading %d tables of %s", self.cfg.branch, len(tables), ", ".join(names))
+        self.retry_waiting()
+
+    def _ack(self, position: str, applied_until, force: bool = False) -> None:
+        """What HQ holds of the branch's log can go (the branch keeps no retention of its
+        own: HQ is the record), and HQ hears how much is still to come."""
+        import time
+        now = time.monotonic()
+        if now - self.last_prune >= PRUNE_INTERVAL:
+            self.last_prune = now
+            prune_branch_log(self.source, position)
+        if force or now - self.last_report >= REPORT_INTERVAL:
+            self.last_report = now
+            try:
+                self.target.execute("SELECT replication.report_uploads(%s, %s)",
+                                    (self.cfg.branch, pending(self.source, position, [t.id for t in self.tables])))
+            except psycopg.errors.InsufficientPrivilege as e:
+                self.metrics.error("position_report")
+                log.warning("HQ refused the upload report: %s", e.diag.message_primary)
+
+
+def pending(branch: psycopg.Connection, position: str, tables: list[int]) -> int:
+    """Log rows of the upload tables that HQ does not hold yet (the log is pruned behind HQ)."""
+    return branch.execute(
+        "SELECT count(*) FROM replication.change_log WHERE xid >= pg_snapshot_xmin(%s::pg_snapshot) "
+        "AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot) AND table_id = ANY (%s)",
+        (position, position, tables)).fetchone()[0]
+
+
+def prune_branch_log(branch: psycopg.Connection, position: str, batch: int = 10000) -> int:
+    """Delete the branch's log rows HQ holds, unless a branch chained below this one still
+    needs them (its registered position)."""
+    deleted = 0
+    while True:
+        with branch.transaction():
+            h = branch.execute(
+                "SELECT least(pg_snapshot_xmin(%s::pg_snapshot), (SELECT min(pg_snapshot_xmin(position)) "
+                "FROM replication.branches WHERE active AND position IS NOT NULL))::text", (position,)).fetchone()[0]
+            n = branch.execute("DELETE FROM replication.change_log WHERE ctid = ANY (ARRAY(SELECT ctid FROM "
+                               "replication.change_log WHERE xid < %s::xid8 LIMIT %s))", (h, batch)).rowcount
+            branch.execute("UPDATE replication.horizon SET pruned_below = greatest(pruned_below, %s::xid8)", (h,))
+        deleted += n
+        if n < batch:
+            return deleted
+
+
+# ----------------------------------------------------------------- status
+
+@dataclass
+class UploadStatus:
+    names: list[str]
+    uploaded_until: object        # source time of the newest sale HQ holds (None: none yet)
+    pending: int
+    set_aside: int
+    initialized: bool
+
+    def line(self) -> str:
+        if not self.initialized:
+            return f"sales uploads ({', '.join(self.names)}) not initialized: run `replicator init`"
+        until = f"{self.uploaded_until:%Y-%m-%d %H:%M:%S}" if self.uploaded_until else "(nothing yet)"
+        return (f"sales uploaded up to {until}, {self.pending} pending, {self.set_aside} set aside"
+                + (" (`replicator set-aside list`)" if self.set_aside else ""))
+
+
+def status(cfg: BranchConfig) -> UploadStatus | None:
+    """The branch's uploads as HQ holds them; None when it uploads nothing."""
+    st = stream(cfg)
+    with Ends(st, f"replicator status {cfg.branch}") as ends:
+        branch, hq = ends.source, ends.target
+        ups = offered(hq)
+        names = select(cfg, ups)
+        if not names:
+            return None
+        pos = state.load_position(hq, st.name) if state.has_schema(hq) else None
+        if pos is None:
+            return UploadStatus(names, None, 0, 0, False)
+        ids = [r[0] for r in branch.execute("SELECT id FROM replication.tables WHERE catalog = ANY (%s) AND active",
+                                            (names,))]
+        waiting = hq.execute("SELECT count(*) FROM replication.set_aside WHERE stream = %s", (st.name,)).fetchone()[0]
+        return UploadStatus(names, pos.applied_until, pending(branch, pos.snapshot, ids), waiting, True)
+
+
+def print_sql(hq: psycopg.Connection, cfg: BranchConfig) -> str:
+    """`replicator sql -c branch.yaml`: the branch side's DDL for a DBA's migration tool."""
+    names = select(cfg, offered(hq))
+    ups = offered(hq)
+    parts = ["-- replicator: the branch side. Generated by `replicator sql`.",
+             "-- Apply each block in order; each migration records itself in replication.versions.",
+             "\nBEGIN;\n" + db.versions_sql().rstrip() + "\nCOMMIT;"]
+    parts += db.migration_script("target", "target migration") + db.migration_script("capture", "capture migration")
+    if names:
+        parts.append(f"\n-- capture of the uploads {', '.join(names)} (sales go up to HQ)\nBEGIN;")
+        parts.extend(s.as_string(None) + ";" for s in capture_statements([ups[n] for n in names]))
+        parts.append("COMMIT;")
+    return "\n".join(parts) + "\n"
+

@@ -1,0 +1,414 @@
+"""Sales up: every branch's sales into one set of HQ tables (issue 19).
+
+Real clusters: HQ and two branches, each branch logging in to HQ as its own role (with
+a password, over TCP), so what HQ's row-level security allows is what is tested.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+import yaml
+
+from replicator import config, uploads
+from replicator.daemon import run
+from replicator.errors import ConfigError
+from replicator.hq import add_branch, role_name
+from replicator.initialize import initialize
+
+from harness import REPO, replicator_cli, table_rows
+
+SCHEMA = """
+CREATE TABLE public.items (id int PRIMARY KEY, name text NOT NULL, stock int NOT NULL DEFAULT 0);
+CREATE TABLE public.sales (
+    register_id int NOT NULL, folio bigint NOT NULL, store_id int NOT NULL,
+    total numeric(12,2) NOT NULL DEFAULT 0, voided boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (register_id, folio));
+CREATE TABLE public.sale_lines (
+    register_id int NOT NULL, folio bigint NOT NULL, line_no int NOT NULL, store_id int NOT NULL,
+    item_id int NOT NULL, qty int NOT NULL,
+    PRIMARY KEY (register_id, folio, line_no));
+"""
+
+# HQ's own rule on consolidation: sold lines take HQ's stock down.  ENABLE ALWAYS, so it
+# fires for the replicator's writes (replica mode); origin role inside, so the stock
+# change is captured and flows down to the branches as the items catalog.
+HQ_STOCK_TRIGGER = """
+CREATE FUNCTION public.sale_line_stock() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET session_replication_role = origin AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE public.items SET stock = stock + OLD.qty WHERE id = OLD.item_id;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        UPDATE public.items SET stock = stock - NEW.qty WHERE id = NEW.item_id;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER sale_line_stock AFTER INSERT OR UPDATE OR DELETE ON public.sale_lines
+    FOR EACH ROW EXECUTE FUNCTION public.sale_line_stock();
+ALTER TABLE public.sale_lines ENABLE ALWAYS TRIGGER sale_line_stock;
+"""
+
+CATALOGS = {"items": {"label": "Items", "default": True, "tables": ["public.items"]}}
+UPLOADS = {"sales": {"label": "Ventas", "default": True, "tables": ["public.sales", "public.sale_lines"],
+                     "owner": "store_id = :store_id",
+                     "folios": {"table": "public.sales", "register": "register_id", "folio": "folio"}}}
+KILLS = 12
+STORES = {"store-a": (1, [11, 12]), "store-b": (2, [21, 22])}    # store id, its registers
+
+
+class Uploading:
+    """HQ with the schema, two branches registered with passwords, hq.yaml with uploads."""
+
+    def __init__(self, tmp_path, hq, branch_a, branch_b):
+        self.hq, self.dir = hq, tmp_path
+        self.dbs = {"store-a": branch_a, "store-b": branch_b}
+        for db in (hq, branch_a, branch_b):
+            db.execute(SCHEMA)
+        hq.execute(HQ_STOCK_TRIGGER)
+        hq.execute("INSERT INTO public.items SELECT i, 'item ' || i, 1000 FROM generate_series(1, 20) i")
+        self.hq_path = tmp_path / "hq.yaml"
+        self.hq_path.write_text(yaml.safe_dump({"dsn": hq.dsn, "catalogs": CATALOGS, "uploads": UPLOADS}))
+        assert replicator_cli("hq", "install", "-c", str(self.hq_path)).returncode == 0
+        self.paths = {}
+        for name, (store, _regs) in STORES.items():
+            with hq.connect() as conn:
+                add_branch(conn, config.load_hq(self.hq_path), name, {"store_id": str(store)}, f"pw-{name}")
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump({
+                "branch": name, "source": {"dsn": self.login(name)}, "target": {"dsn": self.dbs[name].dsn}}))
+            path.chmod(0o600)
+            self.paths[name] = path
+
+    def login(self, name: str) -> str:
+        return self.hq.cluster.dsn(self.hq.name, role_name(name), f"pw-{name}")
+
+    def cfg(self, name: str) -> config.BranchConfig:
+        return config.load_branch(self.paths[name])
+
+    def init(self, name: str, force: bool = False) -> list[str]:
+        initialize(self.cfg(name), force=force)
+        return uploads.initialize(self.cfg(name), force=force)
+
+    def run_once(self, name: str) -> None:
+        assert run(self.cfg(name), once=True) == 0
+
+    def slice(self, table: str, name: str, db=None) -> list[str]:
+        return table_rows(db or self.hq, table, where=f"store_id = {STORES[name][0]}")
+
+
+def sell(db, name: str, n: int, rng: random.Random, voids: bool = True) -> None:
+    """n sales at a store: header and lines in one transaction; now and then a void (an
+    update) or a line deleted."""
+    store, registers = STORES[name]
+    with db.connect() as conn:
+        for _ in range(n):
+            reg = rng.choice(registers)
+            with conn.transaction():
+                folio = conn.execute("SELECT coalesce(max(folio), 0) + 1 FROM public.sales WHERE register_id = %s",
+                                     (reg,)).fetchone()[0]
+                conn.execute("INSERT INTO public.sales VALUES (%s, %s, %s, 0)", (reg, folio, store))
+                for line in range(1, rng.randint(1, 4) + 1):
+                    conn.execute("INSERT INTO public.sale_lines VALUES (%s, %s, %s, %s, %s, %s)",
+                                 (reg, folio, line, store, rng.randint(1, 20), rng.randint(1, 3)))
+                conn.execute("UPDATE public.sales SET total = (SELECT sum(qty) FROM public.sale_lines "
+                             "WHERE register_id = %s AND folio = %s) WHERE register_id = %s AND folio = %s",
+                             (reg, folio, reg, folio))
+            if voids and rng.random() < 0.1:
+                with conn.transaction():
+                    conn.execute("UPDATE public.sales SET voided = true WHERE register_id = %s AND folio = %s",
+                                 (reg, folio))
+                    conn.execute("DELETE FROM public.sale_lines WHERE register_id = %s AND folio = %s "
+                                 "AND line_no > 1", (reg, folio))
+
+
+def assert_slices_match(u: Uploading) -> None:
+    for name, db in u.dbs.items():
+        for table in ("public.sales", "public.sale_lines"):
+            assert u.slice(table, name) == table_rows(db, table), f"{name}: {table} differs at HQ"
+
+
+@pytest.fixture
+def up(tmp_path, hq, branch_a, branch_b):
+    return Uploading(tmp_path, hq, branch_a, branch_b)
+
+
+def test_history_goes_up_at_init_and_two_branches_sell_at_once(up):
+    rng = random.Random(19)
+    sell(up.dbs["store-a"], "store-a", 30, rng)            # history before the first sync
+    sell(up.dbs["store-b"], "store-b", 20, rng)
+    assert up.init("store-a") == ["sales"]
+    assert up.init("store-b") == ["sales"]
+    assert_slices_match(up)
+    before = up.hq.execute("SELECT sum(stock) FROM public.items")[0][0]
+
+    # both stores sell while both replicators run
+    stop = threading.Event()
+    runners = [threading.Thread(target=run, args=(up.cfg(n),), kwargs={"stop": stop}) for n in STORES]
+    for t in runners:
+        t.start()
+    sellers = [threading.Thread(target=sell, args=(up.dbs[n], n, 40, random.Random(i))) for i, n in enumerate(STORES)]
+    for t in sellers:
+        t.start()
+    for t in sellers:
+        t.join()
+    stop.set()
+    for t in runners:
+        t.join(60)
+    for n in STORES:
+        up.run_once(n)
+    assert_slices_match(up)
+    # HQ's ENABLE ALWAYS trigger moved HQ's stock, and the stock came back down as a catalog
+    sold = up.hq.execute("SELECT sum(qty) FROM public.sale_lines")[0][0]
+    after = up.hq.execute("SELECT sum(stock) FROM public.items")[0][0]
+    assert after < before and after == 20 * 1000 - sold
+    for n in STORES:
+        up.run_once(n)
+        assert table_rows(up.dbs[n], "public.items") == table_rows(up.hq, "public.items")
+    st = uploads.status(up.cfg("store-a"))
+    assert st.initialized and st.pending == 0 and st.set_aside == 0
+    assert "sales uploaded up to" in st.line() and "0 pending, 0 set aside" in st.line()
+
+
+def test_a_branch_login_writes_only_its_own_slice_from_psql(up):
+    sell(up.dbs["store-b"], "store-b", 3, random.Random(1), voids=False)
+    up.init("store-a")
+    up.init("store-b")
+    theirs = up.slice("public.sales", "store-b")
+    with psycopg.connect(up.login("store-a"), autocommit=True) as conn:
+        # reads: only its own rows
+        assert conn.execute("SELECT count(*) FROM public.sales").fetchone()[0] == 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            conn.execute("INSERT INTO public.sales VALUES (21, 999, 2, 5)")           # another store's row
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            conn.execute("INSERT INTO public.sales VALUES (21, 1, 1, 5) ON CONFLICT (register_id, folio) "
+                         "DO UPDATE SET total = 0")                                  # another store's key
+        assert conn.execute("UPDATE public.sales SET total = 0 WHERE store_id = 2").rowcount == 0
+        assert conn.execute("DELETE FROM public.sales").rowcount == 0
+        assert conn.execute("DELETE FROM public.sale_lines").rowcount == 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("TRUNCATE public.sales")
+        # moving its own row into another slice is refused too
+        conn.execute("INSERT INTO public.sales VALUES (11, 500, 1, 5)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            conn.execute("UPDATE public.sales SET store_id = 2 WHERE folio = 500")
+        # the other branch's upload position is neither visible nor writable
+        assert conn.execute("SELECT stream FROM replication.position").fetchall() == [("uploads:store-a",)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            conn.execute("INSERT INTO replication.position (stream, snapshot) VALUES "
+                         "('uploads:store-c', pg_current_snapshot())")
+        assert conn.execute("UPDATE replication.position SET applied_changes = 0 "
+                            "WHERE stream = 'uploads:store-b'").rowcount == 0
+        # other tables of HQ: nothing
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE public.items SET stock = 0")
+    assert up.slice("public.sales", "store-b") == theirs
+
+
+def test_rows_outside_the_slice_are_set_aside_and_named_and_the_rest_goes_on(up):
+    up.init("store-a")
+    up.init("store-b")
+    sell(up.dbs["store-b"], "store-b", 2, random.Random(2), voids=False)
+    up.run_once("store-b")
+    a = up.dbs["store-a"]
+    a.execute("INSERT INTO public.sales VALUES (11, 1, 1, 7)")            # an honest sale
+    a.execute("INSERT INTO public.sales VALUES (12, 1, 2, 9)")            # forged: store 2's row
+    b_key = up.hq.execute("SELECT register_id, folio FROM public.sales WHERE store_id = 2 LIMIT 1")[0]
+    a.execute("INSERT INTO public.sales VALUES (%s, %s, 1, 3)", b_key)     # a key store-b's sale has
+    a.execute("INSERT INTO public.sales VALUES (11, 2, 1, 8)")            # and another honest one
+    b_before = up.slice("public.sales", "store-b")
+    up.run_once("store-a")
+    assert up.slice("public.sales", "store-a") == table_rows(a, "public.sales", where="store_id = 1 AND "
+                                                             f"register_id <> {b_key[0]}")
+    assert up.slice("public.sales", "store-b") == b_before
+    rows = {r[0]: r[1] for r in up.hq.execute(
+        "SELECT key, message FROM replication.set_aside WHERE stream = 'uploads:store-a'")}
+    assert "outside store-a's slice of public.sales" in rows['["12", "1"]'] and "store_id = :store_id" in rows['["12", "1"]']
+    assert "belongs to another branch's row of public.sales" in rows[f'["{b_key[0]}", "{b_key[1]}"]']
+    st = uploads.status(up.cfg("store-a"))
+    assert st.set_aside == 2 and "2 set aside" in st.line()
+    res = replicator_cli("status", "-c", str(up.paths["store-a"]))
+    assert res.returncode == 1 and "2 set aside" in res.stdout
+    # the branch fixes its forged row: the newer image clears it
+    a.execute("UPDATE public.sales SET store_id = 1 WHERE register_id = 12")
+    up.run_once("store-a")
+    assert up.hq.execute("SELECT count(*) FROM replication.set_aside WHERE stream = 'uploads:store-a'")[0][0] == 1
+
+
+def test_truncate_and_reinit_at_one_branch_leave_the_other_untouched(up):
+    rng = random.Random(3)
+    sell(up.dbs["store-a"], "store-a", 10, rng)
+    sell(up.dbs["store-b"], "store-b", 10, rng)
+    up.init("store-a")
+    up.init("store-b")
+    b_sales, b_lines = up.slice("public.sales", "store-b"), up.slice("public.sale_lines", "store-b")
+    assert b_sales
+    a = up.dbs["store-a"]
+    a.execute("TRUNCATE public.sale_lines, public.sales")
+    sell(a, "store-a", 3, rng)
+    up.run_once("store-a")
+    assert_slices_match(up)
+    assert up.slice("public.sales", "store-b") == b_sales and up.slice("public.sale_lines", "store-b") == b_lines
+    # re-init without --force does nothing; with it, only store-a's slice is replaced
+    assert uploads.initialize(up.cfg("store-a")) == []
+    a.execute("DELETE FROM public.sale_lines WHERE folio = 1")
+    assert uploads.initialize(up.cfg("store-a"), force=True) == ["sales"]
+    assert_slices_match(up)
+    assert up.slice("public.sales", "store-b") == b_sales and up.slice("public.sale_lines", "store-b") == b_lines
+
+
+def test_a_sale_rings_up_while_hq_is_down(up, hq_cluster):
+    up.init("store-a")
+    hq_cluster.stop()
+    try:
+        sell(up.dbs["store-a"], "store-a", 5, random.Random(4))     # the till never waits for HQ
+    finally:
+        hq_cluster.start()
+    up.run_once("store-a")
+    assert_slices_match(up)
+
+
+def test_branch_sql_prints_the_upload_capture(up):
+    res = replicator_cli("sql", "-c", str(up.paths["store-a"]))
+    assert res.returncode == 0, res.stderr
+    assert "replication.attach_table('sales', 'public', 'sales'" in res.stdout
+    assert "replication.attach_table('sales', 'public', 'sale_lines'" in res.stdout
+    assert "pw-store-a" not in res.stdout
+    fresh = up.dbs["store-b"]
+    proc = replicator_cli("sql", "-c", str(up.paths["store-b"]))
+    with fresh.connect() as conn:
+        conn.execute(proc.stdout)        # the script applies as printed
+        assert conn.execute("SELECT count(*) FROM replication.tables WHERE catalog = 'sales'").fetchone()[0] == 2
+
+
+def test_hq_install_warns_when_a_key_does_not_keep_branches_apart(tmp_path, hq):
+    hq.execute("CREATE TABLE public.tickets (id bigint PRIMARY KEY, store_id int NOT NULL)")
+    path = tmp_path / "hq.yaml"
+    path.write_text(yaml.safe_dump({"dsn": hq.dsn, "catalogs": {"c": {"tables": ["public.tickets2"]}},
+                                    "uploads": {"tickets": {"tables": ["public.tickets"],
+                                                            "owner": "store_id = :store_id"}}}))
+    hq.execute("CREATE TABLE public.tickets2 (id int PRIMARY KEY)")
+    res = replicator_cli("hq", "install", "-c", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "primary key of public.tickets (id) holds none of store_id" in res.stderr
+
+
+@pytest.mark.parametrize("uploads_doc, message", [
+    ({"sales": {"tables": ["public.sales"]}}, "no owner predicate for public.sales"),
+    ({"sales": {"tables": ["public.items"], "owner": "id = :id"}}, "is in catalog items"),
+    ({"Sales": {"tables": ["public.sales"], "owner": "store_id = :s"}}, "upload ids are lower-case"),
+    ({"items": {"tables": ["public.sales"], "owner": "store_id = :s"}}, "already a catalog"),
+    ({"sales": {"tables": ["public.sales"], "owner": "store_id = :s", "colour": 1}}, "unknown setting"),
+    ({"sales": {"tables": [], "owner": "store_id = :s"}}, "needs at least one table"),
+    ({"sales": {"tables": ["public.sales"], "owners": {"public.x": "a = 1"}}}, "not in this catalog's tables"),
+    ({"sales": {"tables": ["public.sales"], "owner": "store_id = :s",
+                "folios": {"table": "public.x", "register": "r", "folio": "f"}}}, "not in this upload's tables"),
+    ({"sales": {"tables": ["public.sales"], "owner": "store_id = :s", "folios": {"table": "public.sales"}}},
+     "missing required setting"),
+])
+def test_bad_uploads_in_hq_yaml_name_file_line_and_key(tmp_path, uploads_doc, message):
+    path = tmp_path / "hq.yaml"
+    path.write_text(yaml.safe_dump({"dsn": "postgresql:///x", "catalogs": CATALOGS, "uploads": uploads_doc}))
+    with pytest.raises(ConfigError, match=message) as e:
+        config.load_hq(path)
+    assert str(path) in str(e.value) and ":" in str(e.value)
+    res = replicator_cli("hq", "sql", "-c", str(path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and message.split()[0] in res.stderr
+
+
+@pytest.mark.parametrize("owner, message", [
+    ("store_id IN (SELECT 1)", "owner predicate"),
+    ("nope = :store_id", "owner predicate"),
+    ("store_id = 1; DROP TABLE public.sales", "owner predicate"),
+])
+def test_bad_owner_predicates_are_refused_by_hq_install_before_any_change(tmp_path, hq, owner, message):
+    hq.execute(SCHEMA)
+    path = tmp_path / "hq.yaml"
+    path.write_text(yaml.safe_dump({"dsn": hq.dsn, "catalogs": CATALOGS,
+                                    "uploads": {"sales": {"tables": ["public.sales"], "owner": owner}}}))
+    res = replicator_cli("hq", "install", "-c", str(path))
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+    assert hq.execute("SELECT to_regclass('replication.uploads')")[0][0] is None
+
+
+def test_an_unknown_upload_in_branch_yaml_is_a_config_error(up):
+    doc = yaml.safe_load(up.paths["store-a"].read_text())
+    doc["uploads"] = ["refunds"]
+    up.paths["store-a"].write_text(yaml.safe_dump(doc))
+    res = replicator_cli("status", "-c", str(up.paths["store-a"]))
+    assert res.returncode == 2 and "unknown upload refunds" in res.stderr and "uploads" in res.stderr
+
+
+def test_hq_status_shows_each_branchs_sales(up):
+    sell(up.dbs["store-a"], "store-a", 4, random.Random(5))
+    for n in STORES:
+        up.init(n)
+    up.run_once("store-a")
+    res = replicator_cli("hq", "status", "-c", str(up.hq_path), "--json")
+    assert res.returncode == 0, res.stderr
+    doc = {b["branch"]: b for b in yaml.safe_load(res.stdout)["branches"]}
+    assert doc["store-a"]["sales"]["uploaded_until"] is not None
+    assert doc["store-a"]["sales"]["pending"] == 0 and doc["store-a"]["sales"]["set_aside"] == 0
+
+
+BACKLOG = """
+CREATE PROCEDURE ring_up(p_store int, p_register int, n int) LANGUAGE plpgsql AS $$
+DECLARE
+    f bigint;
+BEGIN
+    SELECT coalesce(max(folio), 0) INTO f FROM public.sales WHERE register_id = p_register;
+    FOR i IN 1 .. n LOOP
+        INSERT INTO public.sales VALUES (p_register, f + i, p_store, i % 50);
+        INSERT INTO public.sale_lines SELECT p_register, f + i, l, p_store, 1 + (i + l) % 20, 1
+          FROM generate_series(1, 3) l;
+        IF i % 25 = 0 THEN
+            UPDATE public.sales SET voided = true WHERE register_id = p_register AND folio = f + i - 1;
+            DELETE FROM public.sale_lines WHERE register_id = p_register AND folio = f + i - 1 AND line_no = 3;
+        END IF;
+        COMMIT;
+    END LOOP;
+END $$;
+"""
+
+
+def test_sigkill_during_a_large_upload_applies_every_sale_exactly_once(up):
+    rng = random.Random(int(os.environ.get("REPLICATOR_TEST_SEED", "19")))
+    a = up.dbs["store-a"]
+    up.init("store-a")
+    up.init("store-b")
+    a.execute(BACKLOG)
+    logged = "SELECT last_value FROM " + "pg_catalog.pg_sequences WHERE schemaname = 'replication' AND sequencename = 'change_log_id_seq'"
+    first = a.execute(logged)[0][0] or 0
+    a.execute("CALL ring_up(1, 11, 4000)")                 # 4,000 sales queued: 16,000+ changes
+    assert a.execute(logged)[0][0] - first > 16000
+    doc = yaml.safe_load(up.paths["store-a"].read_text())
+    up.paths["store-a"].write_text(yaml.safe_dump({**doc, "batch_rows": 300}))   # many HQ transactions
+    position = "SELECT applied_changes FROM replication.position WHERE stream = 'uploads:store-a'"
+    kills, midway = 0, set()
+    for _ in range(KILLS):
+        proc = subprocess.Popen([sys.executable, "-m", "replicator", "run", "-c", str(up.paths["store-a"])],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 2.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(10)
+        done = up.hq.execute(position)[0][0]
+        if 0 < done < a.execute(logged)[0][0] - first:
+            midway.add(done)
+        if rng.random() < 0.3:
+            a.execute("CALL ring_up(1, 12, 50)")           # the store keeps selling between kills
+    assert kills >= 10 and len(midway) >= 3, (kills, midway)     # kills fell inside the upload
+    up.run_once("store-a")
+    assert_slices_match(up)
+    # one log row per change here (single-row statements): HQ counted each exactly once
+    applied = up.hq.execute(position)[0][0]
+    assert applied == a.execute(logged)[0][0] - first
