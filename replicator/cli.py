@@ -238,19 +238,23 @@ def hq_add_branch(config_path: str, branch: str, params: tuple[str, ...], passwo
 @CONFIG
 @click.option("--json", "as_json", is_flag=True, help="One JSON document, for machines.")
 def hq_status(config_path: str, as_json: bool) -> None:
-    """Show every branch: last report, pending changes, changes it set aside, lag.
+    """Show every branch: last report, pending changes, changes it set aside, lag;
+    its sales: uploaded up to, pending, set aside; and the fiscal folios missing at
+    HQ per register (uploads that name their folios).
 
     Example:
 
         replicator hq status -c hq.yaml
         replicator hq status -c hq.yaml --json
     """
-    from .hq import status
+    from .hq import folio_gaps, status
     cfg = config_mod.load_hq(config_path)
     with _hq_conn(cfg) as conn:
         rows = status(conn)
+        gaps = folio_gaps(conn)
     if as_json:
-        click.echo(json.dumps({"branches": [b.to_json() for b in rows]}, indent=2))
+        click.echo(json.dumps({"branches": [b.to_json() for b in rows],
+                               "folio_gaps": [g.to_json() for g in gaps]}, indent=2))
         return
     if not rows:
         click.echo("no branches registered; use `replicator hq add-branch`")
@@ -266,6 +270,15 @@ def hq_status(config_path: str, as_json: bool) -> None:
         flag = "" if b.active else " (inactive)"
         click.echo(f"{b.name:<20} {seen:<20} {pending:>8} {b.set_aside:>9} {lag:>9}  {sales:<20} "
                    f"{sales_pending:>8} {b.sales_set_aside:>9}{flag}")
+    for g in gaps:
+        more = ", ..." if g.missing > sum(_range_size(r) for r in g.ranges) else ""
+        click.echo(f"folio gap: {g.table} register {g.register}: {g.missing} folio{'s' * (g.missing != 1)} "
+                   f"missing at HQ ({', '.join(g.ranges)}{more})")
+
+
+def _range_size(r: str) -> int:
+    lo, _, hi = r.partition("-")
+    return int(hi) - int(lo) + 1 if hi else 1
 
 
 @hq.command("metrics")
@@ -482,6 +495,33 @@ def branch_sql(config_path: str) -> None:
         click.echo(print_sql(hq_conn, cfg), nl=False)
 
 
+@cli.command("purge")
+@CONFIG
+@click.argument("table")
+@click.option("--where", "where", required=True, metavar="PREDICATE",
+              help="Which rows, in the row-filter grammar with values: \"sold_at < '2025-01-01'\".")
+@click.option("--dry-run", is_flag=True, help="Count what would go, delete nothing.")
+def purge_cmd(config_path: str, table: str, where: str, dry_run: bool) -> None:
+    """Delete old sales at this branch only; HQ keeps its consolidated record.
+
+    TABLE is an upload table; the rows of upload tables that reference the
+    purged ones (a sale's lines) go with them. Nothing of it is captured, so
+    nothing of it goes up; changes still waiting in the branch's log go up all
+    the same. Recorded in replication.purges, and `init --force` and
+    `verify --repair` leave those rows at HQ.
+
+    Example:
+
+        replicator purge -c branch.yaml public.sales --where "sold_at < '2025-01-01'" --dry-run
+    """
+    from .purge import purge
+    cfg = config_mod.load_branch(config_path)
+    report = purge(cfg, table, where, dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} at branch {cfg.branch}: " + ", ".join(f"{n} rows of {t}" for t, n in report.rows.items())
+               + ("" if dry_run else "; HQ keeps them"))
+
+
 @cli.group("set-aside")
 def set_aside() -> None:
     """Changes this branch refused (a local constraint, a value that does not fit).
@@ -588,13 +628,17 @@ cli.add_command(click.Group("aside", commands=set_aside.commands, hidden=True,
 @click.option("--wait", type=click.FloatRange(min=0), default=60, show_default=True, metavar="SECONDS",
               help="How long to wait for a running replicator to apply changes in flight.")
 def verify(config_path: str, catalogs: tuple[str, ...], as_json: bool, repair: bool, wait: float) -> None:
-    """Prove the branch holds exactly HQ's rows (filtered, without excluded columns).
+    """Prove the branch holds exactly HQ's rows (filtered, without excluded columns)
+    and HQ holds exactly the branch's sales (its slice; other branches' rows are
+    not its business).
 
-    Compares every initialized table of the selected (or named) catalogs
-    by hashing primary-key buckets inside each database, narrows differing
-    buckets down to keys, and re-checks those after the branch caught up,
-    so changes in flight are not reported. Safe while `replicator run` and
-    HQ keep working. Exit 0 when equal, 1 when rows differ.
+    Compares every initialized table of the selected (or named) catalogs, and
+    of the uploads unless catalogs are named, by hashing primary-key buckets
+    inside each database, narrows differing buckets down to keys, and
+    re-checks those after the stream caught up, so changes in flight are not
+    reported. Safe while `replicator run` and HQ keep working. `--repair`
+    re-copies catalog rows from HQ and re-sends sales into the slice. Exit 0
+    when equal, 1 when rows differ.
 
     Example:
 
@@ -602,31 +646,60 @@ def verify(config_path: str, catalogs: tuple[str, ...], as_json: bool, repair: b
         replicator verify -c branch.yaml items stock --json
         replicator verify -c branch.yaml --repair
     """
-    from .verify import format_report, repair as repair_rows, verify as verify_branch
+    from .verify import format_report
     cfg = config_mod.load_branch(config_path)
-    report = verify_branch(cfg, list(catalogs), wait)
+    report = _verify_both(cfg, catalogs, wait)
     fixed = None
     if repair and not report.equal:
-        fixed = repair_rows(cfg, report)
+        fixed = _repair_both(cfg, report)
         if not as_json:
             for line in format_report(report):
                 click.echo(line)
             for table, n in fixed.repaired.items():
                 click.echo(f"repaired {table}: {n} rows re-copied from HQ")
+            for table, n in fixed.sent.items():
+                click.echo(f"repaired {table}: {n} rows re-sent to the branch's slice at HQ")
             for table, n in fixed.left_to_stream.items():
                 click.echo(f"left {n} rows of {table} to the stream (HQ changes not yet applied)")
             click.echo("verifying again")
-        report = verify_branch(cfg, list(catalogs), wait)
+        report = _verify_both(cfg, catalogs, wait)
     if as_json:
         doc = report.to_json()
         if fixed is not None:
-            doc["repair"] = {"repaired": fixed.repaired, "left_to_stream": fixed.left_to_stream,
+            doc["repair"] = {"repaired": fixed.repaired, "sent": fixed.sent, "left_to_stream": fixed.left_to_stream,
                              "snapshot": fixed.snapshot}
         click.echo(json.dumps(doc, ensure_ascii=False, indent=2))
     else:
         for line in format_report(report):
             click.echo(line)
     sys.exit(0 if report.equal else 1)
+
+
+def _verify_both(cfg, catalogs: tuple[str, ...], wait: float):
+    """The catalogs, then (unless catalogs are named) the sales uploads, in one report."""
+    from .verify import verify as verify_catalogs, verify_uploads
+    report = verify_catalogs(cfg, list(catalogs), wait)
+    if not catalogs:
+        up = verify_uploads(cfg, wait)
+        if up is not None:
+            report.tables += up.tables
+            report.caught_up = report.caught_up and up.caught_up
+            report.seconds += up.seconds
+    return report
+
+
+def _repair_both(cfg, report):
+    """Catalog rows re-copied from HQ, upload rows re-sent into the branch's slice."""
+    from dataclasses import replace
+    from .verify import repair, repair_uploads
+    down = replace(report, tables=[t for t in report.tables if t.direction == "catalogs"])
+    up = replace(report, tables=[t for t in report.tables if t.direction == "uploads"])
+    fixed = repair(cfg, down)
+    sent = repair_uploads(cfg, up) if up.tables and not up.equal else None
+    if sent is not None:
+        fixed.left_to_stream.update(sent.left_to_stream)
+        fixed.sent = sent.repaired
+    return fixed
 
 
 @cli.command()

@@ -421,6 +421,12 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
             thread.start()
         systemd.notify(f"READY=1\nSTATUS=replicating {len(session.tables)} tables"
                        + (f", uploading {len(up.tables)}" if up is not None else ""))
+        if once and thread is not None:
+            # sales first: HQ's own rules may move catalogs with them (stock), and --once
+            # ends with the catalogs caught up with what the sales changed at HQ
+            thread.join()
+            if failed:
+                raise failed[0]
         try:
             _loop(session, once, stop, systemd.Watchdog())
         except BaseException:

@@ -342,6 +342,48 @@ def status(conn: psycopg.Connection) -> list[BranchStatus]:
 
 
 @dataclass
+class FolioGaps:
+    """Fiscal folios missing at HQ for one register: between its lowest and highest folio
+    HQ holds, the numbers no sale has (a sale lost, set aside, or not uploaded yet)."""
+    upload: str
+    table: str
+    register: object
+    missing: int                  # folios missing
+    ranges: list[str]             # the first few, as "5" or "7-9"
+
+    def to_json(self) -> dict:
+        return {"upload": self.upload, "table": self.table, "register": self.register,
+                "missing": self.missing, "ranges": self.ranges}
+
+
+SHOW_GAPS = 5     # gap ranges listed per register
+
+
+def folio_gaps(conn: psycopg.Connection) -> list[FolioGaps]:
+    """Per register, the folios missing at HQ, for every upload that names its folios: a
+    business-level check of the consolidated sales (one index scan of the folio table)."""
+    if not conn.execute("SELECT to_regclass('replication.uploads') IS NOT NULL").fetchone()[0]:
+        return []
+    out = []
+    for name, f in conn.execute("SELECT name, folios FROM replication.uploads WHERE folios IS NOT NULL "
+                                "ORDER BY name").fetchall():
+        if "schema_name" not in f:
+            continue        # recorded by an older install: the next `hq install` completes it
+        query = sql.SQL("""
+SELECT reg, sum(next - folio - 1)::int8,
+       (array_agg(CASE WHEN next = folio + 2 THEN (folio + 1)::text
+                       ELSE (folio + 1)::text || '-' || (next - 1)::text END ORDER BY folio))[1:{show}]
+  FROM (SELECT {reg} AS reg, {folio} AS folio, lead({folio}) OVER (PARTITION BY {reg} ORDER BY {folio}) AS next
+          FROM {table}) s
+ WHERE next > folio + 1
+ GROUP BY reg ORDER BY reg""").format(
+            show=sql.Literal(SHOW_GAPS), reg=sql.Identifier(f["register"]), folio=sql.Identifier(f["folio"]),
+            table=sql.Identifier(f["schema_name"], f["table_name"]))
+        out += [FolioGaps(name, f["table"], reg, missing, ranges) for reg, missing, ranges in conn.execute(query)]
+    return out
+
+
+@dataclass
 class PruneReport:
     deleted: int
     horizon: str

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import db, state
+from . import db, purge, state
 from .apply import Applier
 from .config import BranchConfig, HQConfig, UploadSpec, table_display
 from .daemon import Session
@@ -157,8 +157,12 @@ def _register(conn: psycopg.Connection, cfg: HQConfig) -> None:
                      table_display(schema, name))
     conn.execute("DELETE FROM replication.uploads WHERE name <> ALL (%s)", (list(cfg.uploads),))
     for up in cfg.uploads.values():
-        folios = None if up.folios is None else psycopg.types.json.Jsonb(
-            {"table": up.folios.table, "register": up.folios.register, "folio": up.folios.folio})
+        folios = None
+        if up.folios is not None:
+            t = next(t for t in up.tables if t.name == up.folios.table)
+            folios = psycopg.types.json.Jsonb({"table": up.folios.table, "schema_name": t.schema,
+                                               "table_name": t.relname, "register": up.folios.register,
+                                               "folio": up.folios.folio})
         conn.execute("INSERT INTO replication.uploads (name, label, is_default, folios) VALUES (%s, %s, %s, %s) "
                      "ON CONFLICT (name) DO UPDATE SET label = EXCLUDED.label, is_default = EXCLUDED.is_default, "
                      "folios = EXCLUDED.folios", (up.name, up.label, up.default, folios))
@@ -308,7 +312,10 @@ def _copy(branch: psycopg.Connection, hq: psycopg.Connection, st: Stream, tables
             branch.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             snap, copied_at = branch.execute("SELECT pg_current_snapshot()::text, now()").fetchone()
             for t in reversed(tables):
-                hq.execute(sql.SQL("DELETE FROM {}").format(t.ident))     # row-level security: the slice only
+                # row-level security: the slice only; and what the branch purged stays HQ's record
+                keep = purge.spared(branch, t.schema, t.name)
+                hq.execute(sql.SQL("DELETE FROM {}").format(t.ident) if keep is None else
+                           sql.SQL("DELETE FROM {} WHERE NOT coalesce({}, false)").format(t.ident, keep))
             for t in tables:
                 rows = _send(branch, applier, t)
                 state.mark_copied(hq, st.name, t.schema, t.name, t.catalog, snap, rows)

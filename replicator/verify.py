@@ -53,7 +53,7 @@ from . import locks, state
 from . import stream as stream_mod
 from .config import BranchConfig
 from .errors import NotInitialized
-from .filters import jsonb_column, parse_filter, render
+from .filters import jsonb_column, parse_filter, render, render_for_any_branch
 from .reader import IMAGES, covers, current_snapshot
 from .schema import Table, bind_target
 
@@ -87,6 +87,7 @@ class TableReport:
     different: list[str] = field(default_factory=list)   # keys on both, rows differ
     pending: list[str] = field(default_factory=list)     # differ, HQ changes not applied yet
     key_columns: list[str] = field(default_factory=list)
+    direction: str = "catalogs"                   # catalogs (HQ -> branch) | uploads (branch -> HQ)
 
     @property
     def equal(self) -> bool:
@@ -123,6 +124,7 @@ class VerifyReport:
 @dataclass
 class RepairReport:
     repaired: dict[str, int] = field(default_factory=dict)        # table -> keys re-copied
+    sent: dict[str, int] = field(default_factory=dict)            # upload table -> keys re-sent to HQ
     left_to_stream: dict[str, int] = field(default_factory=dict)  # table -> keys with pending changes
     snapshot: str | None = None
     seconds: float = 0.0
@@ -138,13 +140,26 @@ def key_dict(columns: list[str], key: str) -> dict:
 
 def verify(cfg: BranchConfig, named: list[str] | None = None, wait: float = 60.0) -> VerifyReport:
     """Compare HQ and the branch, table by table; see the module docstring."""
+    return _verify(_Context(cfg, named or [], "replicator verify"), wait)
+
+
+def verify_uploads(cfg: BranchConfig, wait: float = 60.0) -> VerifyReport | None:
+    """Compare the branch's upload tables with its slice at HQ (None: it uploads nothing).
+    Rows of other branches are outside the slice, so never "extra"."""
+    ctx = _UploadContext(cfg, [], "replicator verify")
+    return _verify(ctx, wait) if ctx.uploads_selected() else None
+
+
+def _verify(ctx: "_Context", wait: float) -> VerifyReport:
     started = time.monotonic()
-    with _Context(cfg, named or [], "replicator verify") as ctx:
+    cfg = ctx.cfg
+    with ctx:
         report = VerifyReport(cfg.branch, replicator_running=ctx.replicator_running())
         compared = {t.id for t in ctx.tables}
         candidates = {}
         for t in ctx.all_tables:
-            tr = TableReport(t.qualified, t.catalog, "not initialized", key_columns=list(t.key_columns))
+            tr = TableReport(t.qualified, t.catalog, "not initialized", key_columns=list(t.key_columns),
+                             direction=ctx.direction)
             report.tables.append(tr)
             if t.id in compared:
                 candidates[t.id] = ctx.first_pass(t, tr)
@@ -159,6 +174,18 @@ def verify(cfg: BranchConfig, named: list[str] | None = None, wait: float = 60.0
 
 
 def repair(cfg: BranchConfig, report: VerifyReport) -> RepairReport:
+    """Re-copy the catalog rows `report` found different (see `_repair`)."""
+    return _repair(_Context(cfg, sorted({tr.catalog for tr in report.tables if tr.keys()}),
+                            "replicator verify --repair"), report)
+
+
+def repair_uploads(cfg: BranchConfig, report: VerifyReport) -> RepairReport:
+    """Re-send the branch's rows that HQ's slice lacks or holds otherwise, and delete the
+    slice's rows the branch does not have: inside the slice only (row-level security)."""
+    return _repair(_UploadContext(cfg, [], "replicator verify --repair"), report)
+
+
+def _repair(ctx: "_Context", report: VerifyReport) -> RepairReport:
     """Re-copy the rows `report` found different, in ONE branch transaction.
 
     Coordination with a running replicator: the transaction takes init's
@@ -184,8 +211,7 @@ def repair(cfg: BranchConfig, report: VerifyReport) -> RepairReport:
     todo = {tr.table: tr.keys() for tr in report.tables if tr.keys()}
     if not todo:
         return out
-    with _Context(cfg, sorted({tr.catalog for tr in report.tables if tr.table in todo}),
-                  "replicator verify --repair") as ctx:
+    with ctx:
         tables = [t for t in ctx.tables if t.qualified in todo]
         branch, hq = ctx.branch, ctx.hq
         with branch.transaction():
@@ -199,6 +225,10 @@ def repair(cfg: BranchConfig, report: VerifyReport) -> RepairReport:
                 for t in tables:
                     busy, truncated = ctx.pending_keys(t, pos.snapshot, out.snapshot, copies.get(t.qualified))
                     keys = [] if truncated else [k for k in todo[t.qualified] if k not in busy]
+                    if t.sliced:
+                        # a key set aside at HQ (another branch's, outside the slice) stays set aside
+                        held = _set_aside_keys(branch, ctx.stream.name, t)
+                        keys = [k for k in keys if _canonical(k) not in held]
                     left = len(todo[t.qualified]) - len(keys)
                     if left:
                         out.left_to_stream[t.qualified] = left
@@ -243,11 +273,17 @@ def _settle(ctx: "_Context", candidates: dict[int, dict], report: VerifyReport, 
 class _Context:
     """Both connections, the tables to compare, and the SQL to hash them."""
 
+    direction = "catalogs"
+
     def __init__(self, cfg: BranchConfig, named: list[str], app: str):
         self.cfg = cfg
         self.named = named
-        self.stream = stream_mod.catalogs(cfg)
+        self.stream = self._stream(cfg)
         self.ends = stream_mod.Ends(self.stream, app)
+
+    @staticmethod
+    def _stream(cfg: BranchConfig) -> stream_mod.Stream:
+        return stream_mod.catalogs(cfg)
 
     def __enter__(self) -> "_Context":
         self.ends.__enter__()
@@ -275,6 +311,9 @@ class _Context:
         self.tables = [t for t in self.all_tables
                        if t.qualified in states and states[t.qualified].initialized_at is not None]
         bind_target(self.branch, self.tables)
+        self._hashing_setup()
+
+    def _hashing_setup(self) -> None:
         encodings = {c.execute("SHOW server_encoding").fetchone()[0] for c in (self.hq, self.branch)}
         # Servers in different encodings hold the same text as different bytes: hash its UTF-8 form
         # (and the probe's characters may not exist in the branch's encoding).
@@ -320,6 +359,11 @@ class _Context:
 
     def where(self, t: Table, side: str) -> sql.Composable:
         """HQ rows outside the branch's filter are not the branch's business."""
+        if side == "branch" and t.sliced:
+            # the slice, as row-level security confines a branch login to it: stated here as
+            # well, so a login RLS does not bind (a table owner) never sees others' rows as extra
+            flt = parse_filter(t.qualified, t.owner, t.hq_columns)
+            return sql.SQL("({}) IS TRUE").format(render_for_any_branch(flt, sql.Identifier))
         if side == "branch" or not t.filter:
             return sql.SQL("true")
         flt = parse_filter(t.qualified, t.filter, t.hq_columns)
@@ -465,6 +509,48 @@ SELECT DISTINCT CASE WHEN l.op = 'T' THEN NULL ELSE {key} END
             self.branch.execute(insert, (rows,))
 
 
+class _UploadContext(_Context):
+    """The same comparison for the branch's upload stream: the branch is the source, HQ's
+    slice the target ("hq"/"branch" in _Context read as source/target)."""
+
+    direction = "uploads"
+
+    @staticmethod
+    def _stream(cfg: BranchConfig) -> stream_mod.Stream:
+        from . import uploads
+        return uploads.stream(cfg)
+
+    def uploads_selected(self) -> bool:
+        from . import uploads
+        with stream_mod.Ends(self.stream, "replicator verify") as ends:
+            return bool(uploads.select(self.cfg, uploads.offered(ends.target)))
+
+    def _load(self) -> None:
+        from . import db, purge, uploads
+        db.require_version(self.branch, "target", "HQ")
+        if state.load_position(self.branch, self.stream.name) is None:
+            raise NotInitialized(f"uploads of branch {self.cfg.branch} are not initialized; run `replicator init "
+                                 f"-c {self.cfg.path}` first")
+        ups = uploads.offered(self.branch)
+        self.params = {}
+        self.all_tables = uploads.tables_for(self.hq, self.branch, [ups[n] for n in uploads.select(self.cfg, ups)])
+        states = state.table_states(self.branch, self.stream.name)
+        self.tables = [t for t in self.all_tables
+                       if t.qualified in states and states[t.qualified].initialized_at is not None]
+        self.spared = {t.id: purge.spared(self.hq, t.schema, t.name) for t in self.tables}
+        self._hashing_setup()
+
+    def where(self, t: Table, side: str) -> sql.Composable:
+        """At HQ, the slice without what the branch purged (HQ's record now, not "extra")."""
+        base = super().where(t, side)
+        keep = self.spared.get(t.id) if side == "branch" else None
+        return base if keep is None else sql.SQL("({} AND NOT coalesce({}, false))").format(base, keep)
+
+    def replicator_running(self) -> bool:
+        """The upload stream's run lock is on the branch, its source."""
+        return locks.run_holder(self.hq, self.stream.name) is not None
+
+
 # ------------------------------------------------------------------ helpers
 
 def _hashing(conn: psycopg.Connection, query: sql.Composable, params=None) -> list[tuple]:
@@ -479,6 +565,16 @@ def _hashing(conn: psycopg.Connection, query: sql.Composable, params=None) -> li
 
 def _copy_snapshots(branch: psycopg.Connection, stream: str) -> dict[str, str | None]:
     return {name: st.copy_snapshot for name, st in state.table_states(branch, stream).items()}
+
+
+def _canonical(key: str) -> str:
+    return json.dumps(json.loads(key), sort_keys=True)
+
+
+def _set_aside_keys(conn: psycopg.Connection, stream: str, t: Table) -> set[str]:
+    return {_canonical(k) for (k,) in conn.execute(
+        "SELECT key FROM replication.set_aside WHERE stream = %s AND schema_name = %s AND table_name = %s",
+        (stream, t.schema, t.name))}
 
 
 def _diff(hq: dict, branch: dict, among=None) -> dict[str, tuple]:
@@ -514,13 +610,14 @@ def format_report(report: VerifyReport) -> list[str]:
                          "copies it)")
             continue
         if t.status == "equal":
-            lines.append(f"{t.table:<28} equal ({t.hq_rows} rows)")
+            what = " (sales up: branch and its slice at HQ)" if t.direction == "uploads" else ""
+            lines.append(f"{t.table:<28} equal ({t.hq_rows} rows){what}")
             continue
+        there = "at HQ" if t.direction == "uploads" else "on the branch"
         counts = [f"{len(getattr(t, k))} {label}" for k, label in
-                  (("missing", "missing on the branch"), ("extra", "extra on the branch"),
+                  (("missing", f"missing {there}"), ("extra", f"extra {there}"),
                    ("different", "different"), ("pending", "not yet applied")) if getattr(t, k)]
-        lines.append(f"{t.table:<28} DIFFERENT: {', '.join(counts)} (HQ {t.hq_rows} rows, branch "
-                     f"{t.branch_rows})")
+        lines.append(f"{t.table:<28} DIFFERENT: {', '.join(counts)} ({_sides(t)})")
         for kind in ("missing", "extra", "different", "pending"):
             keys = getattr(t, kind)
             if keys:
@@ -529,8 +626,8 @@ def format_report(report: VerifyReport) -> list[str]:
                 lines.append(f"    {kind}: {shown}{more}")
     if any(t.pending for t in report.tables):
         why = "the replicator is not running" if not report.replicator_running else \
-            "the branch did not catch up in time"
-        lines.append(f"rows 'not yet applied' have HQ changes the branch has not applied ({why}); "
+            "it did not catch up in time"
+        lines.append(f"rows 'not yet applied' have changes the stream has not applied yet ({why}); "
                      "they converge once `replicator run` catches up")
     compared = [t for t in report.tables if t.status != "not initialized"]
     differing = [t for t in compared if t.status == "different"]
@@ -540,6 +637,13 @@ def format_report(report: VerifyReport) -> list[str]:
         lines.append(f"branch {report.branch} equals HQ ({len(compared)} tables compared in "
                      f"{report.seconds:.1f} s)")
     return lines
+
+
+def _sides(t: TableReport) -> str:
+    """Row counts; for uploads `hq_rows` counts the source (the branch), `branch_rows` HQ's slice."""
+    if t.direction == "uploads":
+        return f"branch {t.hq_rows} rows, its slice at HQ {t.branch_rows}"
+    return f"HQ {t.hq_rows} rows, branch {t.branch_rows}"
 
 
 def _show_key(columns: list[str], key: str) -> str:

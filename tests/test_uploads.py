@@ -34,7 +34,8 @@ CREATE TABLE public.sales (
 CREATE TABLE public.sale_lines (
     register_id int NOT NULL, folio bigint NOT NULL, line_no int NOT NULL, store_id int NOT NULL,
     item_id int NOT NULL, qty int NOT NULL,
-    PRIMARY KEY (register_id, folio, line_no));
+    PRIMARY KEY (register_id, folio, line_no),
+    FOREIGN KEY (register_id, folio) REFERENCES public.sales ON DELETE CASCADE);
 """
 
 # HQ's own rule on consolidation: sold lines take HQ's stock down.  ENABLE ALWAYS, so it
@@ -265,6 +266,80 @@ def test_truncate_and_reinit_at_one_branch_leave_the_other_untouched(up):
     assert up.slice("public.sales", "store-b") == b_sales and up.slice("public.sale_lines", "store-b") == b_lines
 
 
+def test_verify_and_repair_inside_the_slice_with_both_branches_rows_at_hq(up):
+    rng = random.Random(5)
+    for n in STORES:
+        sell(up.dbs[n], n, 15, rng)
+        up.init(n)
+    for n in STORES:
+        up.run_once(n)           # HQ's stock moved with the history: it comes down as a catalog
+        res = replicator_cli("verify", "-c", str(up.paths[n]))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "public.sales" in res.stdout and "sales up: branch and its slice at HQ" in res.stdout
+        assert "extra" not in res.stdout                     # the other store's rows are not this one's
+    # HQ loses one of store-a's lines, holds another total, and gains a row in store-a's slice
+    b_sales, b_lines = up.slice("public.sales", "store-b"), up.slice("public.sale_lines", "store-b")
+    lost = up.hq.execute("SELECT register_id, folio, line_no FROM public.sale_lines WHERE store_id = 1 LIMIT 1")[0]
+    up.hq.execute("DELETE FROM public.sale_lines WHERE (register_id, folio, line_no) = (%s, %s, %s)", lost)
+    up.hq.execute("UPDATE public.sales SET total = total + 100 WHERE store_id = 1 AND folio = 2")
+    up.hq.execute("INSERT INTO public.sales VALUES (11, 9999, 1, 1)")
+    res = replicator_cli("verify", "-c", str(up.paths["store-a"]), "--json")
+    assert res.returncode == 1
+    import json
+    doc = {t["table"]: t for t in json.loads(res.stdout)["tables"] if t["direction"] == "uploads"}
+    assert doc["public.sale_lines"]["missing"] == [dict(zip(("register_id", "folio", "line_no"), lost))]
+    assert doc["public.sales"]["extra"] == [{"register_id": 11, "folio": 9999}]
+    assert len(doc["public.sales"]["different"]) == len(STORES["store-a"][1])      # folio 2 of each register
+    res = replicator_cli("verify", "-c", str(up.paths["store-a"]), "--repair")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "re-sent to the branch's slice at HQ" in res.stdout
+    assert_slices_match(up)
+    assert up.slice("public.sales", "store-b") == b_sales and up.slice("public.sale_lines", "store-b") == b_lines
+    # HQ's stock trigger saw the repair as it sees uploads: stock is HQ's start minus what was sold
+    sold = up.hq.execute("SELECT sum(qty) FROM public.sale_lines")[0][0]
+    assert up.hq.execute("SELECT sum(stock) FROM public.items")[0][0] == 20 * 1000 - sold
+
+
+def test_a_purge_drops_old_sales_at_the_branch_and_hq_keeps_them(up):
+    a = up.dbs["store-a"]
+    sell(a, "store-a", 12, random.Random(8), voids=False)
+    up.init("store-a")
+    old = up.slice("public.sales", "store-a"), up.slice("public.sale_lines", "store-a")
+    cfg = str(up.paths["store-a"])
+    res = replicator_cli("purge", "-c", cfg, "public.sales", "--where", "folio <= 3", "--dry-run")
+    assert res.returncode == 0 and "would delete" in res.stdout, res.stdout + res.stderr
+    assert table_rows(a, "public.sales") == old[0]
+    before = dict(((r, f), t) for r, f, t in a.execute("SELECT register_id, folio, total FROM public.sales"))
+    a.execute("UPDATE public.sales SET total = total + 1 WHERE folio = 1")       # pending when purged
+    res = replicator_cli("purge", "-c", cfg, "public.sales", "--where", "folio <= 3")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "rows of public.sale_lines" in res.stdout and "HQ keeps them" in res.stdout
+    assert a.execute("SELECT count(*) FROM public.sales WHERE folio <= 3")[0][0] == 0
+    assert a.execute("SELECT count(*) FROM public.sale_lines WHERE folio <= 3")[0][0] == 0
+    sell(a, "store-a", 2, random.Random(9), voids=False)
+    up.run_once("store-a")
+    # HQ keeps every purged sale and line, with the change that was waiting when it ran
+    totals = dict(((r, f), t) for r, f, t in a.execute("SELECT register_id, folio, total FROM public.sales"))
+    q = "SELECT register_id, folio, total FROM public.sales WHERE store_id = 1"
+    at_hq = {(r, f): t for r, f, t in up.hq.execute(q)}
+    assert {k for k in at_hq if k[1] <= 3} == {k for k in before if k[1] <= 3} and at_hq
+    assert all(at_hq[k] == before[k] + (1 if k[1] == 1 else 0) for k in before)
+    assert all(at_hq[k] == t for k, t in totals.items())
+    assert up.slice("public.sale_lines", "store-a") == sorted(set(old[1]) | set(table_rows(a, "public.sale_lines")))
+    hq_sales = up.slice("public.sales", "store-a")
+    # verify does not call them extra, and a re-init keeps them at HQ
+    res = replicator_cli("verify", "-c", cfg)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert uploads.initialize(up.cfg("store-a"), force=True) == ["sales"]
+    assert up.slice("public.sales", "store-a") == hq_sales
+    # refused: a table that is no upload, a predicate outside the grammar
+    res = replicator_cli("purge", "-c", cfg, "public.items", "--where", "id = 1")
+    assert res.returncode == 2 and "is not an upload table of branch store-a" in res.stderr, res.stderr
+    res = replicator_cli("purge", "-c", cfg, "public.sales", "--where", "folio = (SELECT 1)")
+    assert res.returncode == 2 and "purge predicate refused" in res.stderr and "Traceback" not in res.stderr
+    assert up.dbs["store-a"].execute("SELECT count(*) FROM replication.purges")[0][0] == 1
+
+
 def test_a_sale_rings_up_while_hq_is_down(up, hq_cluster):
     up.init("store-a")
     hq_cluster.stop()
@@ -357,6 +432,19 @@ def test_hq_status_shows_each_branchs_sales(up):
     doc = {b["branch"]: b for b in yaml.safe_load(res.stdout)["branches"]}
     assert doc["store-a"]["sales"]["uploaded_until"] is not None
     assert doc["store-a"]["sales"]["pending"] == 0 and doc["store-a"]["sales"]["set_aside"] == 0
+    assert yaml.safe_load(res.stdout)["folio_gaps"] == []
+    # a register skips folios (a till that lost them, a sale set aside): HQ lists the gaps
+    a = up.dbs["store-a"]
+    a.execute("INSERT INTO public.sales VALUES (13, 1, 1, 5), (13, 2, 1, 5), (13, 5, 1, 5), (13, 9, 1, 5), "
+              "(14, 1, 1, 5), (14, 3, 1, 5)")
+    a.execute("INSERT INTO public.sales VALUES (21, 1, 2, 5)")               # forged: set aside, no gap
+    up.run_once("store-a")
+    res = replicator_cli("hq", "status", "-c", str(up.hq_path))
+    assert res.returncode == 0, res.stderr
+    assert "folio gap: public.sales register 13: 5 folios missing at HQ (3-4, 6-8)" in res.stdout, res.stdout
+    assert "folio gap: public.sales register 14: 1 folio missing at HQ (2)" in res.stdout, res.stdout
+    gaps = yaml.safe_load(replicator_cli("hq", "status", "-c", str(up.hq_path), "--json").stdout)["folio_gaps"]
+    assert [(g["register"], g["missing"], g["ranges"]) for g in gaps] == [(13, 5, ["3-4", "6-8"]), (14, 1, ["2"])]
 
 
 BACKLOG = """
@@ -396,7 +484,11 @@ def test_sigkill_during_a_large_upload_applies_every_sale_exactly_once(up):
     for _ in range(KILLS):
         proc = subprocess.Popen([sys.executable, "-m", "replicator", "run", "-c", str(up.paths["store-a"])],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 2.5))
+        # kill at a random moment once this run has committed something: inside the upload
+        last, deadline = up.hq.execute(position)[0][0], time.monotonic() + 30
+        while up.hq.execute(position)[0][0] == last and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
