@@ -1,12 +1,14 @@
 """`replicator demo`: the whole product on one machine, from nothing, in a minute.
 
 Starts a throwaway HQ and two branch clusters, loads the sample point-of-sale
-chain on HQ, installs capture, registers and initializes both branches, starts
-a real `replicator run` daemon for each, and keeps HQ busy (price changes,
-stock moves, new customers and items) while showing each branch's lag.  At the
-end it waits for the branches to catch up, proves they hold exactly HQ's rows
-(after row filters and excluded columns), and removes everything it started,
-also on Ctrl-C.  :func:`run_demo` reads like that list; the helpers below it
+chain on HQ, installs capture, registers and initializes both branches (catalogs
+down, each store's sales history up), starts a real `replicator run` daemon for
+each, and keeps both flows busy: HQ changes prices, stock, customers and items
+while the stores ring up sales, which HQ consolidates; HQ's own trigger takes its
+stock down with each sold line and that stock comes back down to the store.  At
+the end it waits for both flows to catch up, proves each branch holds exactly
+HQ's rows (after row filters and excluded columns) and HQ exactly each store's
+sales, and removes everything it started, also on Ctrl-C.  :func:`run_demo` reads like that list; the helpers below it
 do one step each.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from urllib.parse import quote
 
 import click
 import yaml
+from psycopg import sql
 from rich.console import Console
 
 from . import cluster as cluster_mod
@@ -40,10 +43,10 @@ from .errors import ReplicatorError
 from .hq import add_branch, status as hq_status
 from .initialize import initialize
 from .progress import reporter
-from .sample import generate, load_schema, random_changes
+from .sample import generate, load_hq_rules, load_schema, random_changes, random_sales
 from .stream import CATALOGS
 from .status import branch_status
-from .verify import format_report, verify
+from .verify import format_report, verify, verify_uploads
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ HQ_TEMPLATE = data_dir("config", packaged_as="templates") / "hq.yaml"   # replic
 DBNAME = "pos"
 SHOW_EVERY = 2.0          # seconds between progress lines while the load runs
 CATCH_UP_TIMEOUT = 120.0  # seconds the branches get to apply the last changes
+SALES_PER_SECOND = 2.0    # sales rung up at each store while the demo runs
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,10 @@ class BranchSpec:
 BRANCHES = (
     # store 1 keeps customers and more: filtered registers, users without their password hashes
     BranchSpec("store-001", 1, ("customers", "items", "stock", "policies", "currencies", "stores",
-                                "registers", "users"), include_customers=True),
+                                "registers", "payment_methods", "users"), include_customers=True),
     # store 2 keeps the daily catalogs only, no customers
-    BranchSpec("store-002", 2, ("items", "stock", "policies", "currencies", "stores", "registers"),
-               include_customers=False),
+    BranchSpec("store-002", 2, ("items", "stock", "policies", "currencies", "stores", "registers",
+                                "payment_methods"), include_customers=False),
 )
 
 
@@ -110,15 +114,22 @@ def run_demo(duration: float = 60, keep: bool = False, size: str = "demo", rate:
         for b in branches:
             register_branch(ws, hq, hq_cfg, b)
         initialize_branches(branches, echo)
+        for b in branches:
+            seed_sales_history(hq, b)
+        upload_history(branches, echo)
+        install_hq_rules(hq, echo)
+        history = top_folios(hq)
         echo(f"setup done in {time.monotonic() - started:.1f} s")
         for b in branches:
             ws.start_daemon(b)
-        changes = drive_load(hq, branches, duration, rate, echo)
-        echo(f"load stopped after {changes:,} HQ transactions; waiting for the branches to catch up")
+        changes, sales = drive_load(hq, branches, duration, rate, echo)
+        echo(f"load stopped after {changes:,} HQ transactions and {sales:,} sales at the stores; waiting for "
+             "both flows to catch up")
         wait_caught_up(branches, echo)
         ok = all([verify_branch(b.cfg, echo) for b in branches])
         ws.stop_daemons()
         summarize_changes(hq, echo)
+        summarize_sales(hq, branches, history, echo)
         if keep:
             ws.keep_clusters(hq, branches)
         echo("demo finished: every branch matches HQ" if ok else "demo finished: VERIFICATION FAILED")
@@ -218,7 +229,7 @@ def _quiet_library_logs():
     if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
         yield
         return
-    names = ("capture", "cluster", "db", "hq", "initialize", "sample", "verify")
+    names = ("capture", "cluster", "db", "hq", "initialize", "sample", "uploads", "verify")
     loggers = [logging.getLogger(f"replicator.{n}") for n in names]
     old = [lg.level for lg in loggers]
     for lg in loggers:
@@ -289,9 +300,15 @@ def write_hq_config(ws: Workspace, hq: Database) -> Path:
 
 
 def install_capture(hq: Database, hq_path: Path, echo) -> None:
+    """What `replicator hq install` does: capture of the catalogs, and the upload targets
+    (each store's slice of the sales tables, enforced by row-level security)."""
+    from .uploads import check_targets, install_targets
+    cfg = config.load_hq(hq_path)
     with hq.connect() as conn:
-        report = install(conn, config.load_hq(hq_path))
-    echo(f"capture installed on HQ: {len(report.attached)} tables")
+        check_targets(conn, cfg)
+        report = install(conn, cfg)
+        targets = install_targets(conn, cfg)
+    echo(f"capture installed on HQ: {len(report.attached)} tables; upload targets: {', '.join(targets.changed)}")
 
 
 def register_branch(ws: Workspace, hq: Database, hq_path: Path, b: DemoBranch) -> None:
@@ -322,6 +339,45 @@ def initialize_branches(branches: list[DemoBranch], echo) -> None:
              f"{rep.rows:,} rows, {rep.bytes / 1e6:.1f} MB in {rep.seconds:.1f} s")
 
 
+def seed_sales_history(hq: Database, b: DemoBranch) -> None:
+    """The store's sales so far, as its point of sale holds them before replicator: the
+    sample chain's sales of that store (written in replica mode: a store without the
+    customers catalog still holds the tickets that name a customer)."""
+    with hq.connect() as src, b.db.connect() as dst:
+        with dst.transaction():
+            dst.execute("SET LOCAL session_replication_role = replica")
+            for table in (sql.Identifier("public", "sales"), sql.Identifier("public", "sale_lines")):
+                query = sql.SQL("COPY (SELECT * FROM {} WHERE store_id = {}) TO STDOUT").format(
+                    table, sql.Literal(b.spec.store_id))
+                with src.cursor().copy(query) as out, \
+                        dst.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(table)) as into:
+                    for data in out:
+                        into.write(data)
+
+
+def upload_history(branches: list[DemoBranch], echo) -> None:
+    """`replicator init`'s second half: capture on the store's sales tables, and its history
+    up into its slice at HQ."""
+    from . import uploads
+    for b in branches:
+        t0 = time.monotonic()
+        sent = uploads.initialize(b.cfg)
+        n = b.db.scalar("SELECT count(*) FROM public.sales")
+        echo(f"{b.spec.name}: sales history uploaded to HQ ({', '.join(sent)}: {n:,} sales) in "
+             f"{time.monotonic() - t0:.1f} s")
+
+
+def install_hq_rules(hq: Database, echo) -> None:
+    with hq.connect() as conn:
+        load_hq_rules(conn)
+    echo("HQ rule installed: each consolidated sale line takes HQ's stock down (ENABLE ALWAYS trigger)")
+
+
+def top_folios(hq: Database) -> dict[int, int]:
+    """Each register's last folio at HQ: what is sold after it is the demo's."""
+    return dict(hq.execute("SELECT register_id, max(folio) FROM public.sales GROUP BY 1") or [])
+
+
 # ------------------------------------------------------------------ live load
 
 @dataclass
@@ -330,28 +386,46 @@ class Lag:
     applied: int           # changes applied since init (the branch's own count)
     pending: int | None    # HQ changes it has not reported yet
     seconds: float | None  # age of the oldest of those
+    sales_up: int = 0                # sales of this store at HQ
+    sales_pending: int | None = None  # upload changes still at the store, as it last reported
 
 
-def drive_load(hq: Database, branches: list[DemoBranch], duration: float, rate: float, echo) -> int:
-    """HQ keeps working: `rate` random catalog changes per second for `duration` seconds,
-    while each branch's progress and lag is shown every SHOW_EVERY seconds."""
+def drive_load(hq: Database, branches: list[DemoBranch], duration: float, rate: float, echo) -> tuple[int, int]:
+    """HQ keeps working (`rate` random catalog changes per second) and each store sells
+    (SALES_PER_SECOND) for `duration` seconds, while each branch's progress and lag is shown
+    every SHOW_EVERY seconds.  Returns (HQ transactions, sales)."""
     rng = random.Random(20240501)
-    done = 0
+    done = sold = 0
     started = time.monotonic()
-    with hq.connect() as conn, LagDisplay(echo) as display:
-        next_show = started
-        while (elapsed := time.monotonic() - started) < duration:
-            due = int(elapsed * rate) - done
-            if due > 0:
-                random_changes(conn, due, rng)
-                done += due
-            if time.monotonic() >= next_show:
-                check_daemons(branches)
-                display.show(elapsed, done, logged_rows(conn), measure_lag(conn, branches))
-                next_show += SHOW_EVERY
-            time.sleep(min(0.05, max(started + duration - time.monotonic(), 0)))
-        display.show(time.monotonic() - started, done, logged_rows(conn), measure_lag(conn, branches))
-    return done
+    tills = [b.db.connect() for b in branches]
+    try:
+        with hq.connect() as conn, LagDisplay(echo) as display:
+            next_show = started
+            while (elapsed := time.monotonic() - started) < duration:
+                due = int(elapsed * rate) - done
+                if due > 0:
+                    random_changes(conn, due, rng)
+                    done += due
+                due = int(elapsed * SALES_PER_SECOND) - sold
+                if due > 0:
+                    for b, till in zip(branches, tills):
+                        random_sales(till, due, rng, b.spec.store_id)
+                    sold += due
+                next_show = _show(display, conn, branches, started, elapsed, done, next_show)
+                time.sleep(min(0.05, max(started + duration - time.monotonic(), 0)))
+            display.show(time.monotonic() - started, done, logged_rows(conn), measure_lag(conn, branches))
+    finally:
+        for till in tills:
+            till.close()
+    return done, sold * len(branches)
+
+
+def _show(display, conn, branches, started, elapsed, done, next_show) -> float:
+    if time.monotonic() >= next_show:
+        check_daemons(branches)
+        display.show(elapsed, done, logged_rows(conn), measure_lag(conn, branches))
+        next_show += SHOW_EVERY
+    return next_show
 
 
 def logged_rows(hq_conn) -> int:
@@ -363,16 +437,18 @@ def logged_rows(hq_conn) -> int:
 def measure_lag(hq_conn, branches: list[DemoBranch]) -> list[Lag]:
     """Pending changes and lag as HQ sees them (replication.branches), applied count from each branch."""
     on_hq = {s.name: s for s in hq_status(hq_conn)}
+    sales = dict(hq_conn.execute("SELECT store_id, count(*) FROM public.sales GROUP BY store_id").fetchall())
     out = []
     for b in branches:
         with b.db.connect() as conn:
             pos = state.load_position(conn, CATALOGS)
         s = on_hq.get(b.spec.name)
-        if s is None or s.pending is None:          # no position reported yet
-            out.append(Lag(b.spec.name, pos.applied_changes if pos else 0, None, None))
-        else:
-            out.append(Lag(b.spec.name, pos.applied_changes if pos else 0, s.pending,
-                           s.lag.total_seconds() if s.pending and s.lag else 0.0))
+        lag = Lag(b.spec.name, pos.applied_changes if pos else 0, None, None, sales.get(b.spec.store_id, 0))
+        if s is not None:
+            lag.sales_pending = s.sales_pending
+            if s.pending is not None:                # a position reported
+                lag.pending, lag.seconds = s.pending, s.lag.total_seconds() if s.pending and s.lag else 0.0
+        out.append(lag)
     return out
 
 
@@ -407,8 +483,8 @@ class LagDisplay:
         if self.live is not None:
             self.live.update(self._table(elapsed, transactions, logged, lags), refresh=True)
             return
-        parts = [f"{lag.branch}: {lag.applied:,} applied, {_pending(lag)} pending, lag {_secs(lag.seconds)}"
-                 for lag in lags]
+        parts = [f"{lag.branch}: {lag.applied:,} applied, {_pending(lag)} pending, lag {_secs(lag.seconds)}, "
+                 f"{lag.sales_up:,} sales at HQ, {_sales_pending(lag)} to go up" for lag in lags]
         self.echo(f"{elapsed:5.0f} s  HQ {transactions:,} transactions, {logged:,} rows changed | "
                   + " | ".join(parts))
 
@@ -417,15 +493,20 @@ class LagDisplay:
         from rich.console import Group
         from rich.table import Table
         table = Table()
-        for col in ("branch", "applied", "pending", "lag"):
+        for col in ("branch", "applied", "pending", "lag", "sales at HQ", "to go up"):
             table.add_column(col, justify="left" if col == "branch" else "right")
         for lag in lags:
-            table.add_row(lag.branch, f"{lag.applied:,}", _pending(lag), _secs(lag.seconds))
+            table.add_row(lag.branch, f"{lag.applied:,}", _pending(lag), _secs(lag.seconds), f"{lag.sales_up:,}",
+                          _sales_pending(lag))
         return Group(f"{elapsed:.0f} s: HQ committed {transactions:,} transactions, {logged:,} rows changed", table)
 
 
 def _pending(lag: Lag) -> str:
     return "-" if lag.pending is None else f"{lag.pending:,}"
+
+
+def _sales_pending(lag: Lag) -> str:
+    return "-" if lag.sales_pending is None else f"{lag.sales_pending:,}"
 
 
 def _secs(seconds: float | None) -> str:
@@ -435,13 +516,19 @@ def _secs(seconds: float | None) -> str:
 # ------------------------------------------------------------------ the end
 
 def wait_caught_up(branches: list[DemoBranch], echo, timeout: float = CATCH_UP_TIMEOUT) -> None:
-    """Until every branch reports every selected catalog up to date (as `replicator status`)."""
+    """Until every branch's sales are all at HQ and then (HQ's stock moved with them) every
+    selected catalog is up to date, as `replicator status` says."""
+    from . import uploads
     started = time.monotonic()
     waiting = list(branches)
+    up = {b.spec.name: False for b in branches}
     while waiting:
         check_daemons(waiting)
         for b in list(waiting):
-            if branch_status(b.cfg).up_to_date:
+            if not up[b.spec.name]:
+                st = uploads.status(b.cfg)
+                up[b.spec.name] = st is None or (st.pending == 0 and st.set_aside == 0)
+            if up[b.spec.name] and branch_status(b.cfg).up_to_date:
                 echo(f"{b.spec.name}: caught up ({time.monotonic() - started:.1f} s after the load stopped)")
                 waiting.remove(b)
         if waiting and time.monotonic() - started > timeout:
@@ -453,21 +540,46 @@ def wait_caught_up(branches: list[DemoBranch], echo, timeout: float = CATCH_UP_T
 
 def verify_branch(cfg: config.BranchConfig, echo) -> bool:
     """Per catalog: up to date (as `replicator status` says) and equal to HQ's rows for this
-    branch (as `replicator verify` proves: row filter applied, excluded columns left out)."""
+    branch (as `replicator verify` proves: row filter applied, excluded columns left out);
+    then its sales: all at HQ and equal to its slice there."""
     status = branch_status(cfg)
     report = verify(cfg, wait=30)
+    ok = _verify_catalogs(cfg, status, report, echo)
+    return _verify_sales(cfg, echo) and ok
+
+
+def _verify_catalogs(cfg: config.BranchConfig, status, report, echo) -> bool:
     ok = True
     for c in status.catalogs:
         tables = [t for t in report.tables if t.catalog == c.name]
         equal = bool(tables) and all(t.status == "equal" for t in tables)
         ok = ok and equal and c.state == "up to date"
         rows = sum(t.branch_rows for t in tables)
-        echo(f"{cfg.branch}  {c.name:<12} {c.label:<14} {c.state}, "
+        echo(f"{cfg.branch}  {c.name:<15} {c.label:<14} {c.state}, "
              + (f"verified: {rows:,} rows equal HQ" if equal else "DIFFERENT from HQ"))
     if not ok:
         for line in format_report(report):
             echo(f"{cfg.branch}    {line}")
     echo(f"{cfg.branch}: catalogs are up to date" if ok else f"{cfg.branch}: catalogs DIFFER from HQ")
+    return ok
+
+
+def _verify_sales(cfg: config.BranchConfig, echo) -> bool:
+    """The branch's sales against its slice at HQ (`replicator verify` does both)."""
+    from . import uploads
+    st = uploads.status(cfg)
+    if st is None:
+        return True
+    report = verify_uploads(cfg, wait=30)
+    equal = report.equal and all(t.status == "equal" for t in report.tables)
+    rows = sum(t.hq_rows for t in report.tables)
+    echo(f"{cfg.branch}  {'sales':<15} {'Ventas':<14} {st.line()}, "
+         + (f"verified: {rows:,} rows equal HQ's" if equal else "DIFFERENT at HQ"))
+    if not equal:
+        for line in format_report(report):
+            echo(f"{cfg.branch}    {line}")
+    ok = equal and st.pending == 0 and st.set_aside == 0
+    echo(f"{cfg.branch}: sales are up at HQ" if ok else f"{cfg.branch}: sales DIFFER at HQ")
     return ok
 
 
@@ -481,3 +593,25 @@ def summarize_changes(hq: Database, echo) -> None:
     echo("HQ captured during the demo:")
     for table, i, u, d in rows:
         echo(f"  {table:<16} {i:>6,} inserted {u:>6,} updated {d:>6,} deleted")
+
+
+def summarize_sales(hq: Database, branches: list[DemoBranch], history: dict[int, int], echo) -> None:
+    """HQ's side of the sales flow: the consolidated sales per store, what HQ's rule took
+    off its stock for the lines sold during the demo (the branch holds that stock: verified
+    above), and the folio check of `hq status`."""
+    from .hq import folio_gaps
+    echo("HQ consolidated (concentrado de ventas):")
+    for b in branches:
+        n, total = hq.execute("SELECT count(*), coalesce(sum(total), 0) FROM public.sales WHERE store_id = %s",
+                              (b.spec.store_id,))[0]
+        lines = hq.execute("""SELECT l.register_id, l.folio, l.quantity FROM public.sale_lines l
+                               WHERE l.store_id = %s AND EXISTS (SELECT FROM public.stock k
+                                     WHERE k.store_id = l.store_id AND k.item_id = l.item_id)""",
+                           (b.spec.store_id,)) or []
+        new = [q for reg, folio, q in lines if folio > history.get(reg, 0)]
+        echo(f"  {b.spec.name}: {n:,} sales, total {total:,.2f}; {len(new):,} lines sold during the demo took "
+             f"{sum(new, 0):,} units off HQ's stock of store {b.spec.store_id}, which {b.spec.name} holds too")
+    with hq.connect() as conn:
+        gaps = folio_gaps(conn)
+    echo("  fiscal folios: no gaps at HQ" if not gaps else
+         f"  fiscal folios: {len(gaps)} registers with gaps at HQ (`replicator hq status`)")

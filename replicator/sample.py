@@ -5,7 +5,8 @@ demo and the tests need an HQ that looks like a real chain's: thousands of
 items, stock for every store, Spanish names with accents, and the odd value a
 cashier types that breaks naive code.  This module builds that database.
 
-* :func:`load_schema` creates the tables (``sql/sample/pos_schema.sql``).
+* :func:`load_schema` creates the tables (``sql/sample/pos_schema.sql``), and
+  :func:`load_hq_rules` HQ's own trigger on consolidated sales (``hq_rules.sql``).
 * :func:`generate` fills them, set-based and deterministic: every value is a
   function of ``(seed, column, row number)`` through ``md5``, never of
   ``random()`` or of plan order, so the same seed gives byte-identical tables
@@ -34,6 +35,7 @@ from .db import SQL_DIR
 log = logging.getLogger(__name__)
 
 SCHEMA_FILE = SQL_DIR / "sample" / "pos_schema.sql"
+HQ_RULES_FILE = SQL_DIR / "sample" / "hq_rules.sql"
 
 #: Every table of the sample schema, parents before children.
 TABLES = (
@@ -210,6 +212,12 @@ def load_schema(conn: psycopg.Connection) -> None:
     """Create the sample POS tables in an empty database, in one transaction."""
     with conn.transaction():
         conn.execute(SCHEMA_FILE.read_text(encoding="utf-8"))
+
+
+def load_hq_rules(conn: psycopg.Connection) -> None:
+    """HQ's own rules on consolidated sales (HQ only): sold lines take HQ's stock down."""
+    with conn.transaction():
+        conn.execute(HQ_RULES_FILE.read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------- generate

@@ -157,6 +157,16 @@ def test_demo_runs_end_to_end_and_leaves_nothing(demo_run):
     assert not re.search(r"^store-002  customers", run.output, re.M), "store-002 was set up without customers"
     applied = [int(n.replace(",", "")) for n in re.findall(r"store-00\d: ([\d,]+) applied", run.output)]
     assert max(applied) > 0, "the branches applied nothing while HQ was changing"
+    # sales up: history at init, sales during the run, HQ's stock rule, and that stock back down
+    for branch in ("store-001", "store-002"):
+        assert re.search(rf"^{branch}: sales history uploaded to HQ \(sales: [1-9][\d,]* sales\)", run.output, re.M)
+        assert re.search(rf"^{branch}  sales +Ventas +sales uploaded up to .*, 0 pending, 0 set aside, verified: "
+                         r"[\d,]+ rows equal HQ's$", run.output, re.M), run.output
+        assert f"{branch}: sales are up at HQ" in run.output
+        moved = re.search(rf"^  {branch}: [\d,]+ sales, total [\d,.]+; ([\d,]+) lines sold during the demo took "
+                          rf"([\d,.]+) units off HQ's stock of store \d, which {branch} holds too$", run.output, re.M)
+        assert moved and int(moved[1].replace(",", "")) > 0 and float(moved[2].replace(",", "")) > 0, run.output
+    assert "fiscal folios: no gaps at HQ" in run.output
     _assert_nothing_left(run, workdir)
 
 
