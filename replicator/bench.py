@@ -23,6 +23,14 @@ Benchmarks (``--only`` names):
   the HQ CPU each idle connected branch costs (its backend's schedstat).
 * ``latency``: commit on HQ to visible on the branch at 50 single-row commits/s
   with ``replicator run`` running (polling every 250 ms), vs a native subscription.
+* ``uploads``: sales up.  60,000 sales (a header and two lines each, one transaction per
+  sale) queued at a branch while its ``replicator run`` is paused (SIGSTOP), then timed from
+  SIGCONT until HQ holds the last sale (into HQ's tables through the branch's login,
+  row-level security on); baseline: a native subscription at HQ to a publication on the
+  branch, disabled during the same queue, timed from ENABLE.  Ten
+  branches at once into one HQ likewise, against ten subscriptions into one HQ database,
+  with HQ's CPU per branch.  And capture's cost for a sale (a header and three lines in one
+  transaction) on a durable branch, pgbench with capture vs without.
 * ``fanout``: K ``replicator run`` daemons against one HQ at 500 changes/s: each
   branch's lag p99, HQ CPU per branch; and the window query's plan and time with a
   small and a big change log (``EXPLAIN (ANALYZE, FORMAT JSON)`` of ``LogReader.plain_query``).
@@ -68,7 +76,7 @@ from .schema import source_tables
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("catchup", "init", "capture", "latency", "fanout", "restrict")
+BENCHMARKS = ("catchup", "init", "capture", "latency", "fanout", "restrict", "uploads")
 
 # Same settings for every cluster, so ours and the baselines see the same server.
 # A large max_wal_size keeps checkpoints out of the timed parts of 1M-row runs.  The
@@ -76,7 +84,8 @@ BENCHMARKS = ("catchup", "init", "capture", "latency", "fanout", "restrict")
 # subscription's worker; lowered so native catch-up is timed from ENABLE, not from a timer.
 SETTINGS = {"max_wal_size": "8GB", "checkpoint_timeout": "30min", "max_connections": 300,
             "max_replication_slots": 20, "max_wal_senders": 20, "autovacuum_naptime": "10s",
-            "wal_retrieve_retry_interval": "100ms"}
+            "wal_retrieve_retry_interval": "100ms", "max_logical_replication_workers": 12,
+            "max_worker_processes": 24}
 
 SCHEMA = """
 CREATE TABLE items (
@@ -115,6 +124,7 @@ class Sizes:
     log_big: int
     restrict_items: int = 20_000   # items per store of the filtered table (20 stores)
     restrict_txns: int = 1000      # catch-up transactions, each updating 10 items in every store
+    upload_sales: int = 60_000     # sales queued at one branch (and in all, over ten branches)
 
 
 FULL = Sizes(catchup_txns=1000, init_rows=1_000_000, capture_rows=1_000_000, pgbench_seconds=20,
@@ -123,7 +133,7 @@ FULL = Sizes(catchup_txns=1000, init_rows=1_000_000, capture_rows=1_000_000, pgb
 QUICK = Sizes(catchup_txns=10, init_rows=20_000, capture_rows=20_000, pgbench_seconds=3,
               latency_seconds=3, latency_rate=50, fanout_branches=3, fanout_seconds=10,
               fanout_rate=500, fanout_rows_per_txn=5, log_small=1_000, log_big=100_000,
-              restrict_items=500, restrict_txns=10)
+              restrict_items=500, restrict_txns=10, upload_sales=600)
 
 
 # ============================================================== results
@@ -415,12 +425,12 @@ BRANCH_PASSWORD = "bench-branch-login"
 
 
 def register_branch(hq: Database, hq_yaml: Path, name: str, branch: Database, workdir: Path,
-                    init: bool = True, catalogs: list[str] | None = None) -> Path:
+                    init: bool = True, catalogs: list[str] | None = None, params: dict | None = None) -> Path:
     """Register `name` on HQ, write its branch.yaml, optionally init it.  The branch logs in to
     HQ as its own role, as in production, so row-level security on the log is measured too."""
     cfg = config.load_hq(hq_yaml)
     with hq.connect() as conn:
-        reg = add_branch(conn, cfg, name, {}, password=BRANCH_PASSWORD)
+        reg = add_branch(conn, cfg, name, params or {}, password=BRANCH_PASSWORD)
     path = workdir / f"{name}.branch.yaml"
     source = hq.cluster.dsn(hq.name, reg.role, BRANCH_PASSWORD)
     doc = {"branch": name, "source": {"dsn": source}, "target": {"dsn": branch.dsn}}
@@ -457,8 +467,10 @@ class Native:
     dst: Database
     sub: str
 
+    tables: str = "items"
+
     def create(self) -> None:
-        self.src.execute("CREATE PUBLICATION bench_pub FOR TABLE items")
+        self.src.execute(f"CREATE PUBLICATION bench_pub FOR TABLE {self.tables}")   # bench's own names
         self.dst.execute(sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION bench_pub "
                                  "WITH (copy_data = false)").format(
             sql.Identifier(self.sub), sql.Literal(self.src.dsn)))
@@ -1351,14 +1363,224 @@ def bench_restrict(env: Env) -> list[Result]:
                          median(catchup["own"]), median(catchup["unrestricted"]), "changes/s", 0.9, True, note)]
 
 
+# ============================================================== uploads (sales up)
+
+UPLOAD_SCHEMA = """
+CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL);
+CREATE TABLE sales (
+    register_id int NOT NULL, folio bigint NOT NULL, store_id int NOT NULL,
+    sold_at timestamptz NOT NULL DEFAULT now(), total numeric(14,2) NOT NULL,
+    PRIMARY KEY (register_id, folio));
+CREATE TABLE sale_lines (
+    register_id int NOT NULL, folio bigint NOT NULL, line_no smallint NOT NULL, store_id int NOT NULL,
+    item_id bigint NOT NULL, quantity numeric(14,3) NOT NULL, price numeric(14,4) NOT NULL,
+    PRIMARY KEY (register_id, folio, line_no));
+CREATE PROCEDURE ring_up(p_store int, n int) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1 .. n LOOP                       -- one transaction per sale, as a till commits
+        INSERT INTO sales VALUES (p_store * 100 + 1, i, p_store, now(), 19.00);
+        INSERT INTO sale_lines SELECT p_store * 100 + 1, i, l, p_store, 1 + (i * 7 + l) % 1000, l, 9.5
+          FROM generate_series(1, 2) l;
+        COMMIT;
+    END LOOP;
+END $$"""
+UPLOAD_ROWS_PER_SALE = 3
+UPLOADS = {"sales": {"label": "Ventas", "default": True, "tables": ["public.sales", "public.sale_lines"],
+                     "owner": "store_id = :store_id"}}
+# A sale at the till: header and three lines in one transaction (pgbench, -D n=folio space).
+SALE_SCRIPT = """\\set reg random(1, 1000000)
+\\set folio random(1, 1000000000)
+BEGIN;
+INSERT INTO sales VALUES (:reg, :folio, 1, now(), 28.50) ON CONFLICT DO NOTHING;
+INSERT INTO sale_lines VALUES (:reg, :folio, 1, 1, 11, 1, 9.5) ON CONFLICT DO NOTHING;
+INSERT INTO sale_lines VALUES (:reg, :folio, 2, 1, 12, 1, 9.5) ON CONFLICT DO NOTHING;
+INSERT INTO sale_lines VALUES (:reg, :folio, 3, 1, 13, 1, 9.5) ON CONFLICT DO NOTHING;
+END;
+"""
+
+
+def upload_hq(env: Env, name: str) -> tuple[Database, Path]:
+    """HQ with the sales tables as upload targets (each branch's slice under row-level
+    security) and a small catalog, as `replicator hq install` leaves it."""
+    from .uploads import check_targets, install_targets
+    hq = env.fresh("hq", name)
+    hq.execute(UPLOAD_SCHEMA)
+    hq.execute("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g")
+    path = env.workdir / f"{name}.hq.yaml"
+    path.write_text(yaml.safe_dump({"dsn": hq.dsn, "retention": "7d", "uploads": UPLOADS, "catalogs": {
+        "items": {"label": "Items", "default": True, "tables": ["public.items"]}}}))
+    cfg = config.load_hq(path)
+    with hq.connect() as conn:
+        check_targets(conn, cfg)
+        install(conn, cfg)
+        install_targets(conn, cfg)
+    return hq, path
+
+
+def upload_branch(env: Env, hq: Database, hq_yaml: Path, name: str, store: int, which: str = "branch") -> Path:
+    """A branch registered for store `store`, catalogs and (empty) sales history initialized."""
+    from . import uploads
+    br = env.fresh(which, name)
+    br.execute(UPLOAD_SCHEMA)
+    path = register_branch(hq, hq_yaml, name.replace("_", "-"), br, env.workdir, params={"store_id": store})
+    uploads.initialize(config.load_branch(path))
+    return path
+
+
+def queue_sales(db: Database, store: int, n: int) -> None:
+    db.execute("CALL ring_up(%s, %s)", (store, n))
+
+
+def uploaded(hq: Database, store: int, n: int) -> bool:
+    """Has HQ the last sale of `store` (its lines come in the same transaction)?"""
+    return bool(hq.scalar("SELECT EXISTS (SELECT FROM sale_lines WHERE register_id = %s AND folio = %s)",
+                          (store * 100 + 1, n)))
+
+
+def check_uploaded(hq: Database, stores: list[int], n: int, what: str) -> None:
+    got = hq.execute("SELECT (SELECT count(*) FROM sales WHERE store_id = ANY (%s)), "
+                     "(SELECT count(*) FROM sale_lines WHERE store_id = ANY (%s))", (stores, stores))[0]
+    if tuple(got) != (n * len(stores), 2 * n * len(stores)):
+        raise RuntimeError(f"{what}: HQ holds {got[0]} sales and {got[1]} lines, expected {n * len(stores)} "
+                           f"and {2 * n * len(stores)}")
+
+
+def uploads_ours(env: Env, k: int, n: int, run: int) -> tuple[float, float]:
+    """(rows/s, HQ CPU-seconds) of k branches catching up n queued sales each, at once.
+
+    Each branch's `replicator run` daemon is up and paused (SIGSTOP) while its store sells
+    offline, then resumed (SIGCONT) and timed until HQ holds every branch's last sale: the
+    upload itself, as the native worker's, without a process start in the figure."""
+    hq, hq_yaml = upload_hq(env, f"up{k}_{run}_hq")
+    names = [f"up{k}_{run}_b{i:02d}" for i in range(k)]
+    clusters = ["branch" if i % 2 == 0 else "branch2" for i in range(k)]
+    paths = [upload_branch(env, hq, hq_yaml, names[i], i + 1, clusters[i]) for i in range(k)]
+    for path in paths:      # probes as often as the native worker reacts: the figure is the transfer
+        doc = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**doc, "poll_interval": "20ms", "idle_poll_interval": "20ms"}))
+    procs = [start(replicator_cmd("-q", "run", "-c", str(p)), env.workdir, f"up{k}_{run}_{i}")
+             for i, p in enumerate(paths)]
+    try:
+        wait_for(lambda: hq.scalar("SELECT count(*) FROM replication.branches WHERE uploads_reported_at "
+                                   "IS NOT NULL") == k, 120, "upload daemons to start")
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGSTOP)
+        for i in range(k):
+            queue_sales(env.cluster(clusters[i]).database(names[i]), i + 1, n)
+        env.checkpoint()
+        before = cluster_cpu_seconds(hq.cluster)
+        started = time.perf_counter()
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGCONT)
+        wait_for(lambda: all(uploaded(hq, i + 1, n) for i in range(k)), 3600, "uploads", every=0.01)
+        seconds = time.perf_counter() - started
+        cpu = cluster_cpu_seconds(hq.cluster) - before
+    finally:
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGCONT)
+            stop(proc)
+    check_uploaded(hq, list(range(1, k + 1)), n, f"{k}-branch upload")
+    env.hq.drop_database(hq.name)
+    for i in range(k):
+        env.cluster(clusters[i]).drop_database(names[i])
+    return k * n * UPLOAD_ROWS_PER_SALE / seconds, cpu
+
+
+def uploads_native(env: Env, k: int, n: int, run: int) -> tuple[float, float]:
+    """The same with k publications on the branches and k subscriptions in one HQ database."""
+    dst = env.fresh("hq", f"nup{k}_{run}_hq")
+    dst.execute(UPLOAD_SCHEMA)
+    natives = []
+    try:
+        for i in range(k):
+            src = env.fresh("branch" if i % 2 == 0 else "branch2", f"nup{k}_{run}_b{i:02d}")
+            src.execute(UPLOAD_SCHEMA)
+            native = Native(src, dst, f"nup{k}_{run}_{i:02d}", tables="sales, sale_lines")
+            native.create()
+            natives.append(native)
+            native.disable()
+            queue_sales(src, i + 1, n)
+        env.checkpoint()
+        before = cluster_cpu_seconds(dst.cluster)
+        started = time.perf_counter()
+        for native in natives:
+            native.enable()
+        wait_for(lambda: all(uploaded(dst, i + 1, n) for i in range(k)), 3600, "native uploads", every=0.01)
+        seconds = time.perf_counter() - started
+        cpu = cluster_cpu_seconds(dst.cluster) - before
+        check_uploaded(dst, list(range(1, k + 1)), n, f"native {k}-subscription upload")
+        return k * n * UPLOAD_ROWS_PER_SALE / seconds, cpu
+    finally:
+        for native in natives:
+            native.drop()
+            native.src.cluster.drop_database(native.src.name)
+        env.hq.drop_database(dst.name)
+
+
+def sale_capture(env: Env) -> Result:
+    """pgbench: a sale (header and three lines, one transaction) on a durable branch, with the
+    upload tables' capture vs without (triggers disabled)."""
+    from . import uploads
+    db = env.fresh("hq_durable", "sale_capture")
+    db.execute(UPLOAD_SCHEMA)
+    with db.connect() as conn:
+        ups = [uploads.Upload("sales", "Ventas", True, [("public", "sales", ""), ("public", "sale_lines", "")])]
+        uploads.install_capture(conn, ups)
+    script = env.workdir / "sale.sql"
+    script.write_text(SALE_SCRIPT)
+    secs = env.sizes.pgbench_seconds
+    tps = {True: [], False: []}
+    try:
+        for run in range(env.runs):
+            for on in ((True, False) if run % 2 == 0 else (False, True)):
+                verb = "ENABLE" if on else "DISABLE"
+                db.execute(f"ALTER TABLE sales {verb} TRIGGER USER; ALTER TABLE sale_lines {verb} TRIGGER USER")
+                env.checkpoint()
+                tps[on].append(pgbench_tps(db, script, 1, secs))
+                say("  sale capture run %d %s: %.0f TPS", run, "on" if on else "off", tps[on][-1])
+    finally:
+        env.hq_durable.drop_database(db.name)
+    return ratio_result("uploads", "capture of a sale (header + 3 lines), durable branch", median(tps[True]),
+                        median(tps[False]), "TPS", 0.9, True,
+                        f"pgbench -M prepared, 2 clients, {secs} s; the upload tables' capture triggers on vs off")
+
+
+def bench_uploads(env: Env) -> list[Result]:
+    n = env.sizes.upload_sales
+    one, one_native, ten, ten_native, cpu, cpu_native = [], [], [], [], [], []
+    for run in range(env.runs):
+        say("uploads run %d: %d sales (%d rows) queued at one branch", run, n, n * UPLOAD_ROWS_PER_SALE)
+        one.append(uploads_ours(env, 1, n, run)[0])
+        one_native.append(uploads_native(env, 1, n, run)[0])
+        say("  one branch: ours %.0f rows/s, native %.0f rows/s", one[-1], one_native[-1])
+        rate, c = uploads_ours(env, 10, n // 10, run)
+        ten.append(rate)
+        cpu.append(c / 10)
+        rate, c = uploads_native(env, 10, n // 10, run)
+        ten_native.append(rate)
+        cpu_native.append(c / 10)
+        say("  ten branches: ours %.0f rows/s (HQ CPU %.2f s per branch), native %.0f rows/s (%.2f s)",
+            ten[-1], cpu[-1], ten_native[-1], cpu_native[-1])
+    note = (f"median of {env.runs}; paused `replicator run` daemons resumed vs disabled native subscriptions "
+            "enabled, until HQ holds the last sale")
+    return [ratio_result("uploads", f"{n:,} queued sales ({n * UPLOAD_ROWS_PER_SALE:,} rows), one branch",
+                         median(one), median(one_native), "rows/s", 1.0, True,
+                         note + "; baseline: a subscription at HQ to the branch's publication"),
+            ratio_result("uploads", f"ten branches at once into one HQ ({n // 10:,} sales each)", median(ten),
+                         median(ten_native), "rows/s", 1.0, True,
+                         note + f"; HQ CPU per branch: ours {median(cpu):.2f} s, native {median(cpu_native):.2f} s"),
+            sale_capture(env)]
+
+
 # ============================================================== main
 
 RUNNERS: dict[str, Callable[[Env], list[Result]]] = {
     "catchup": bench_catchup, "init": bench_init, "capture": bench_capture,
-    "latency": bench_latency, "fanout": bench_fanout, "restrict": bench_restrict,
+    "latency": bench_latency, "fanout": bench_fanout, "restrict": bench_restrict, "uploads": bench_uploads,
 }
 TITLES = {"catchup": "catch-up apply", "init": "initial copy", "capture": "capture on HQ",
-          "latency": "latency", "fanout": "fan-out", "restrict": "row restriction"}
+          "latency": "latency", "fanout": "fan-out", "restrict": "row restriction",
+          "uploads": "uploads"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1384,7 +1606,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     if not args.verbose:
         for name in ("replicator.cluster", "replicator.capture", "replicator.hq", "replicator.initialize",
-                     "replicator.db"):
+                     "replicator.db", "replicator.uploads"):
             logging.getLogger(name).setLevel(logging.WARNING)
     sizes = QUICK if args.quick else FULL
     if args.init_rows:
