@@ -300,6 +300,14 @@ def test_verify_and_repair_inside_the_slice_with_both_branches_rows_at_hq(up):
     assert up.hq.execute("SELECT sum(stock) FROM public.items")[0][0] == 20 * 1000 - sold
 
 
+def test_verify_before_the_uploads_are_initialized_compares_the_catalogs(up):
+    initialize(up.cfg("store-a"))                          # catalogs only: the sales never went up
+    res = replicator_cli("verify", "-c", str(up.paths["store-a"]))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "public.items" in res.stdout and "public.sales" not in res.stdout
+    assert "sales not compared: uploads of branch store-a are not initialized" in res.stderr
+
+
 def test_a_purge_drops_old_sales_at_the_branch_and_hq_keeps_them(up):
     a = up.dbs["store-a"]
     sell(a, "store-a", 12, random.Random(8), voids=False)
