@@ -32,6 +32,9 @@ EXPECTED_ROWS = [
     "fan-out: window poll",
     "row restriction: filtered init, end to end",
     "row restriction: filtered catch-up",
+    "uploads: 600 queued sales (1,800 rows), one branch",
+    "uploads: ten branches at once into one HQ",
+    "uploads: capture of a sale (header + 3 lines), durable branch",
 ]
 
 
