@@ -328,5 +328,8 @@ def _statements(t: Table) -> dict[str, sql.Composed]:
     # TRUNCATE refuses a table referenced by a foreign key even in replica mode.
     # An upload's target (t.sliced) is emptied only inside the slice: HQ's row-level security
     # confines the DELETE to this branch's rows.
-    truncate = (sql.SQL("DELETE FROM {}") if t.referenced or t.sliced else sql.SQL("TRUNCATE {}")).format(t.ident)
+    truncate = (sql.SQL("DELETE FROM {}") if t.referenced else sql.SQL("TRUNCATE {}")).format(t.ident)
+    if t.sliced:      # stated as well, for a login row-level security does not bind
+        from .uploads import slice_condition
+        truncate = sql.SQL("DELETE FROM {} WHERE {}").format(t.ident, slice_condition(t))
     return {"insert": insert, "upsert": upsert, "delete": delete, "truncate": truncate}

@@ -499,7 +499,7 @@ def branch_sql(config_path: str) -> None:
 @CONFIG
 @click.argument("table")
 @click.option("--where", "where", required=True, metavar="PREDICATE",
-              help="Which rows, in the row-filter grammar with values: \"sold_at < '2025-01-01'\".")
+              help="Which rows, in the row-filter grammar with values: \"sold_at < '2025-01-01 00:00-06'\".")
 @click.option("--dry-run", is_flag=True, help="Count what would go, delete nothing.")
 def purge_cmd(config_path: str, table: str, where: str, dry_run: bool) -> None:
     """Delete old sales at this branch only; HQ keeps its consolidated record.
@@ -512,7 +512,7 @@ def purge_cmd(config_path: str, table: str, where: str, dry_run: bool) -> None:
 
     Example:
 
-        replicator purge -c branch.yaml public.sales --where "sold_at < '2025-01-01'" --dry-run
+        replicator purge -c branch.yaml public.sales --where "sold_at < '2025-01-01 00:00-06'" --dry-run
     """
     from .purge import purge
     cfg = config_mod.load_branch(config_path)

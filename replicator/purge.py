@@ -17,6 +17,7 @@ the rows a recorded purge covers.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import psycopg
@@ -66,7 +67,8 @@ def purge(cfg: BranchConfig, table: str, where: str, dry_run: bool = False) -> P
             with branch.transaction():
                 branch.execute("SET LOCAL session_replication_role = replica")    # capture stays quiet
                 for (s, n), cond in plan:
-                    report.rows[table_display(s, n)] = branch.execute(
+                    shown_t = table_display(s, n)
+                    report.rows[shown_t] = report.rows.get(shown_t, 0) + branch.execute(
                         sql.SQL("DELETE FROM {} WHERE {}").format(sql.Identifier(s, n), cond)).rowcount
                 branch.execute("INSERT INTO replication.purges (schema_name, table_name, predicate, rows) "
                                "VALUES (%s, %s, %s, %s)", (schema, name, where, report.rows[shown]))
@@ -93,7 +95,36 @@ def condition(conn: psycopg.Connection, schema: str, name: str, where: str) -> s
     if flt.params:
         raise ConfigError(f"a purge predicate takes values, not parameters (:{', :'.join(sorted(flt.params))})",
                           None, None, "--where", where)
+    _require_absolute_times(flt, where)
     return sql.SQL("({}) IS TRUE").format(render(flt, {}, sql.Identifier))
+
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_ISO_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(:\d{2}(\.\d+)?)?\s*(Z|[+-]\d{2}(:?\d{2})?)")
+
+
+def _require_absolute_times(flt, where: str) -> None:
+    """The predicate is stored and evaluated again later, at HQ too (`init --force`,
+    `verify`), in sessions with other TimeZone and DateStyle settings: a time literal must
+    mean the same instant everywhere.  Over a timestamptz column every string literal must
+    carry its UTC offset; over date and timestamp columns it must be ISO 8601."""
+    from sqlglot import exp
+    types = set(flt.column_types.values())
+    with_tz = any(ty.startswith("timestamp with time zone") for ty in types)
+    dated = with_tz or any(ty == "date" or ty.startswith("timestamp") for ty in types)
+    if not dated:
+        return
+    for lit in flt.tree.find_all(exp.Literal):
+        if not lit.is_string:
+            continue
+        text = lit.this.strip()
+        if with_tz and not _ISO_INSTANT.fullmatch(text):
+            raise ConfigError(f"purge predicate: {text!r} is read in each session's time zone; write the instant "
+                              "with its UTC offset, e.g. '2025-01-01 00:00:00-06'", None, None, "--where", where)
+        if not (_ISO_INSTANT.fullmatch(text) or _ISO_DATE.fullmatch(text)
+                or re.fullmatch(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(:\d{2}(\.\d+)?)?", text)):
+            raise ConfigError(f"purge predicate: write dates as ISO 8601 ('2025-01-31'), not {text!r} (read per "
+                              "DateStyle)", None, None, "--where", where)
 
 
 _REFERENCING = """
@@ -104,7 +135,7 @@ SELECT c.conrelid::regclass::text, n.nspname::text, r.relname::text,
   JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.att
   JOIN pg_attribute p ON p.attrelid = c.confrelid AND p.attnum = k.patt
  WHERE c.contype = 'f' AND c.confrelid = to_regclass(format('%%I.%%I', %s::text, %s::text))
-   AND c.conrelid <> c.confrelid
+   AND c.conrelid <> c.confrelid AND c.conparentid = 0
  GROUP BY c.oid, c.conrelid, n.nspname, r.relname"""
 
 

@@ -312,10 +312,13 @@ def _copy(branch: psycopg.Connection, hq: psycopg.Connection, st: Stream, tables
             branch.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             snap, copied_at = branch.execute("SELECT pg_current_snapshot()::text, now()").fetchone()
             for t in reversed(tables):
-                # row-level security: the slice only; and what the branch purged stays HQ's record
+                # the slice only (row-level security, and stated for a login it does not bind);
+                # what the branch purged stays HQ's record
                 keep = purge.spared(branch, t.schema, t.name)
-                hq.execute(sql.SQL("DELETE FROM {}").format(t.ident) if keep is None else
-                           sql.SQL("DELETE FROM {} WHERE NOT coalesce({}, false)").format(t.ident, keep))
+                cond = slice_condition(t)
+                if keep is not None:
+                    cond = sql.SQL("{} AND NOT coalesce({}, false)").format(cond, keep)
+                hq.execute(sql.SQL("DELETE FROM {} WHERE {}").format(t.ident, cond))
             for t in tables:
                 rows = _send(branch, applier, t)
                 state.mark_copied(hq, st.name, t.schema, t.name, t.catalog, snap, rows)
@@ -325,6 +328,12 @@ def _copy(branch: psycopg.Connection, hq: psycopg.Connection, st: Stream, tables
             state.save_position(hq, st.name, state.Position(snapshot=snap, applied_until=copied_at))
         else:
             state.bump_config(hq, st.name)
+
+
+def slice_condition(t: Table) -> sql.Composable:
+    """The login's slice of upload table `t` at HQ, as the row-level policy states it."""
+    flt = parse_filter(t.qualified, t.owner, t.hq_columns)
+    return sql.SQL("({}) IS TRUE").format(render_for_any_branch(flt, sql.Identifier))
 
 
 def _send(branch: psycopg.Connection, applier: Applier, t: Table, chunk: int = 5000) -> int:

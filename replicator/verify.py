@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 from psycopg import pq, sql
 
-from . import locks, state
+from . import aside, locks, state
 from . import stream as stream_mod
 from .config import BranchConfig
 from .errors import NotInitialized
@@ -228,7 +228,7 @@ def _repair(ctx: "_Context", report: VerifyReport) -> RepairReport:
                     if t.sliced:
                         # a key set aside at HQ (another branch's, outside the slice) stays set aside
                         held = _set_aside_keys(branch, ctx.stream.name, t)
-                        keys = [k for k in keys if _canonical(k) not in held]
+                        keys = [k for k in keys if _stream_key(t, k) not in held]
                     left = len(todo[t.qualified]) - len(keys)
                     if left:
                         out.left_to_stream[t.qualified] = left
@@ -498,15 +498,37 @@ SELECT DISTINCT CASE WHEN l.op = 'T' THEN NULL ELSE {key} END
         fetch = sql.SQL("SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s)), '[]')::text "
                         "FROM (SELECT {c} FROM {t} WHERE {m} AND {w}) s").format(
             c=cols, t=t.hq_source, m=self.key_match(t), w=self.where(t, "hq"))
-        delete = sql.SQL("DELETE FROM {t} WHERE {m}").format(t=t.ident, m=self.key_match(t))
+        # the target's own condition as well: an upload's slice (whatever the login), purges kept
+        delete = sql.SQL("DELETE FROM {t} WHERE {m} AND {w}").format(t=t.ident, m=self.key_match(t),
+                                                                     w=self.where(t, "branch"))
         overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if t.identity_always else sql.SQL("")
         insert = sql.SQL("INSERT INTO {t} ({c}) {o}SELECT {c} FROM pg_catalog.jsonb_populate_recordset(NULL::{t}, "
                          "%s::jsonb)").format(t=t.ident, c=cols, o=overriding)
-        for chunk in _chunks(keys):
+
+        def copy(chunk: list[str]) -> None:
             objs = self._key_objects(t, chunk)
             rows = self.hq.execute(fetch, (objs,)).fetchone()[0]
             self.branch.execute(delete, (objs,))
             self.branch.execute(insert, (rows,))
+        for chunk in _chunks(keys):
+            if not t.sliced:
+                copy(chunk)
+                continue
+            try:
+                with self.branch.transaction():
+                    copy(chunk)
+            except psycopg.Error as e:
+                if not aside.about_one_row(e, sliced=True):
+                    raise
+                for key in chunk:        # HQ refuses one of them (another branch's key ...): the rest go
+                    try:
+                        with self.branch.transaction():
+                            copy([key])
+                    except psycopg.Error as e1:
+                        if not aside.about_one_row(e1, sliced=True):
+                            raise
+                        log.warning("%s key %s not repaired: HQ refused it (%s)", t.qualified, key,
+                                    e1.diag.message_primary)
 
 
 class _UploadContext(_Context):
@@ -541,9 +563,10 @@ class _UploadContext(_Context):
         self._hashing_setup()
 
     def where(self, t: Table, side: str) -> sql.Composable:
-        """At HQ, the slice without what the branch purged (HQ's record now, not "extra")."""
+        """Without what the branch purged, on both sides: at HQ it is HQ's record now, not
+        "extra"; at the branch a late row a purge covers is not the slice's business."""
         base = super().where(t, side)
-        keep = self.spared.get(t.id) if side == "branch" else None
+        keep = self.spared.get(t.id)
         return base if keep is None else sql.SQL("({} AND NOT coalesce({}, false))").format(base, keep)
 
     def replicator_running(self) -> bool:
@@ -567,12 +590,21 @@ def _copy_snapshots(branch: psycopg.Connection, stream: str) -> dict[str, str | 
     return {name: st.copy_snapshot for name, st in state.table_states(branch, stream).items()}
 
 
-def _canonical(key: str) -> str:
-    return json.dumps(json.loads(key), sort_keys=True)
+def _stream_key(t: Table, key: str) -> str:
+    """verify's key (a JSON object of typed values) as the change stream writes keys, the
+    form of replication.set_aside.key: the value's text for one key column, a JSON array of
+    texts for several.  A type whose JSON and text forms differ (timestamps) does not match;
+    repair's per-key fallback then keeps such a row out (recopy)."""
+    values = json.loads(key, parse_float=str)
+
+    def text(v) -> str:
+        return ("true" if v else "false") if isinstance(v, bool) else str(v)
+    parts = [text(values[c]) for c in t.key_columns]
+    return parts[0] if len(parts) == 1 else json.dumps(parts, ensure_ascii=False)
 
 
 def _set_aside_keys(conn: psycopg.Connection, stream: str, t: Table) -> set[str]:
-    return {_canonical(k) for (k,) in conn.execute(
+    return {k for (k,) in conn.execute(
         "SELECT key FROM replication.set_aside WHERE stream = %s AND schema_name = %s AND table_name = %s",
         (stream, t.schema, t.name))}
 

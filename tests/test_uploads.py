@@ -295,6 +295,16 @@ def test_verify_and_repair_inside_the_slice_with_both_branches_rows_at_hq(up):
     assert "re-sent to the branch's slice at HQ" in res.stdout
     assert_slices_match(up)
     assert up.slice("public.sales", "store-b") == b_sales and up.slice("public.sale_lines", "store-b") == b_lines
+    # rows HQ set aside (store-b's key, store 2's row) are differences repair leaves alone
+    b_key = up.hq.execute("SELECT register_id, folio FROM public.sales WHERE store_id = 2 LIMIT 1")[0]
+    up.dbs["store-a"].execute("INSERT INTO public.sales VALUES (%s, %s, 1, 3), (12, 777, 2, 9)", b_key)
+    up.run_once("store-a")
+    assert up.hq.execute("SELECT count(*) FROM replication.set_aside WHERE stream = 'uploads:store-a'")[0][0] == 2
+    res = replicator_cli("verify", "-c", str(up.paths["store-a"]), "--repair", "--json")
+    assert res.returncode == 1, res.stdout + res.stderr
+    doc = {t["table"]: t for t in json.loads(res.stdout)["tables"] if t["direction"] == "uploads"}
+    assert sorted(map(tuple, (k.values() for k in doc["public.sales"]["missing"]))) == sorted([tuple(b_key), (12, 777)])
+    assert up.slice("public.sales", "store-b") == b_sales
     # HQ's stock trigger saw the repair as it sees uploads: stock is HQ's start minus what was sold
     sold = up.hq.execute("SELECT sum(qty) FROM public.sale_lines")[0][0]
     assert up.hq.execute("SELECT sum(stock) FROM public.items")[0][0] == 20 * 1000 - sold
@@ -346,6 +356,19 @@ def test_a_purge_drops_old_sales_at_the_branch_and_hq_keeps_them(up):
     res = replicator_cli("purge", "-c", cfg, "public.sales", "--where", "folio = (SELECT 1)")
     assert res.returncode == 2 and "purge predicate refused" in res.stderr and "Traceback" not in res.stderr
     assert up.dbs["store-a"].execute("SELECT count(*) FROM replication.purges")[0][0] == 1
+
+
+def test_a_purge_predicate_means_the_same_rows_in_every_session(branch_a):
+    """Stored, and evaluated again at HQ later: a time must not depend on TimeZone or DateStyle."""
+    from replicator import purge
+    branch_a.execute("CREATE TABLE public.tills (id int PRIMARY KEY, sold_at timestamptz, day date)")
+    with branch_a.connect() as conn:
+        for where in ("sold_at < '2025-01-01'", "sold_at < '2025-01-01 00:00'", "day < '01/02/2025'"):
+            with pytest.raises(ConfigError, match="UTC offset|ISO 8601"):
+                purge.condition(conn, "public", "tills", where)
+        for where in ("sold_at < '2025-01-01 00:00:00-06'", "sold_at < '2025-01-01T00:00Z'", "day < '2025-01-02'",
+                      "id < 10"):
+            purge.condition(conn, "public", "tills", where)
 
 
 def test_a_sale_rings_up_while_hq_is_down(up, hq_cluster):
