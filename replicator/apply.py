@@ -29,6 +29,7 @@ from psycopg import pq, sql
 from psycopg.adapt import Dumper
 
 from . import aside
+from .filters import parse_filter, render_for_any_branch
 from .schema import Table
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,14 @@ def _json_images(t: Table) -> sql.Composed:
                    "LATERAL pg_catalog.json_populate_record(NULL::{}, e.r) AS p) AS d").format(exprs, t.ident)
 
 
+def slice_condition(t: Table) -> sql.Composable:
+    """The login's slice of upload table `t` at HQ, as the row-level policy states it: for
+    the statements that must stay inside it whatever the login (a replayed TRUNCATE, an
+    `init --force`)."""
+    flt = parse_filter(t.qualified, t.owner, t.hq_columns)
+    return sql.SQL("({}) IS TRUE").format(render_for_any_branch(flt, sql.Identifier))
+
+
 def _statements(t: Table) -> dict[str, sql.Composed]:
     cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
     keys = sql.SQL(", ").join(map(sql.Identifier, t.key_columns))
@@ -330,6 +339,5 @@ def _statements(t: Table) -> dict[str, sql.Composed]:
     # confines the DELETE to this branch's rows.
     truncate = (sql.SQL("DELETE FROM {}") if t.referenced else sql.SQL("TRUNCATE {}")).format(t.ident)
     if t.sliced:      # stated as well, for a login row-level security does not bind
-        from .uploads import slice_condition
         truncate = sql.SQL("DELETE FROM {} WHERE {}").format(t.ident, slice_condition(t))
     return {"insert": insert, "upsert": upsert, "delete": delete, "truncate": truncate}
