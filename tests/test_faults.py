@@ -26,7 +26,8 @@ from replicator import sample, state
 from replicator.cluster import Cluster
 from replicator.hq import role_name
 from replicator.stream import CATALOGS as STREAM
-from soak import Daemon, HQWriter, bulk_changes, build_world, init_cli, position, verify_cli, wait_caught_up
+from soak import (Daemon, HQWriter, bulk_changes, build_world, hq_snapshot, init_cli, position, verify_cli,
+                  wait_caught_up)
 
 pytestmark = pytest.mark.slow
 
@@ -373,3 +374,65 @@ def test_branch_offline_for_a_large_backlog_then_back(kit, hq, branch_a):
     assert position(branch_a).applied_changes >= BACKLOG
     assert time.monotonic() - started < 300
     assert_verified(b, d)
+
+
+def test_reconnects_after_an_hq_restart_are_spread(kit, scratch_cluster, branch_a_cluster, branch_b_cluster):
+    """Eight branches lose HQ at the same moment (they probe every 50 ms, so each notices
+    within a probe); once HQ is back their first new sessions must not arrive together.
+    Without the jitter in the backoff they would retry on the same schedule and reconnect
+    within a few tens of milliseconds of each other."""
+    hq = scratch_cluster.create_database("pos")
+    dbs = {}
+    for i in range(8):
+        cluster = branch_a_cluster if i % 2 == 0 else branch_b_cluster
+        cluster.drop_database(f"spread{i}")
+        dbs[f"spread-{i}-{uuid.uuid4().hex[:6]}"] = (cluster.create_database(f"spread{i}"), 1)
+    w = build_world(kit.tmp, hq, dbs, proxy=False, poll_interval="50ms", idle_poll_interval="50ms")
+    kit.worlds.append(w)
+    try:
+        _reconnect_spread(kit, scratch_cluster, hq, w)
+    finally:
+        for d in kit.daemons:
+            d.kill(settle=False)
+        for db, _ in dbs.values():
+            db.cluster.drop_database(db.name)
+
+
+def _first_sessions(hq) -> dict[str, float]:
+    """Branch name -> start (epoch seconds) of its replicator's oldest session on HQ."""
+    return {name: float(first) for name, first in hq.execute(
+        "SELECT split_part(application_name, ' ', 3) AS b, extract(epoch FROM min(backend_start)) "
+        "FROM pg_stat_activity WHERE application_name LIKE 'replicator run %%' GROUP BY b")}
+
+
+def _reconnect_spread(kit, scratch_cluster, hq, w) -> None:
+    branches = list(w.branches.values())
+    for b in branches:
+        b.init(include_customers=True)
+    daemons = [kit.daemon(b) for b in branches]
+    names = {b.name for b in branches}
+    for d in daemons:
+        wait_until(lambda: d.count("replicating 11 tables") == 1, 60, "every replicator to start", d)
+    time.sleep(0.5)                             # into their polling loops
+    scratch_cluster.stop(mode="fast")          # every branch session ends at once
+    time.sleep(7)                               # past the first backoff step (0.5 s, then 1 s)
+    scratch_cluster.start()
+    firsts: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    while len(firsts) < len(names):
+        assert time.monotonic() < deadline, f"only {sorted(firsts)} reconnected:\n" + daemons[0].log()
+        try:
+            rows = _first_sessions(hq)
+        except psycopg.OperationalError:
+            rows = {}                           # still starting up
+        for name, first in rows.items():
+            if name in names:
+                firsts.setdefault(name, first)
+        time.sleep(0.02)
+    spread = max(firsts.values()) - min(firsts.values())
+    assert spread >= 0.25, f"eight branches reconnected within {spread:.3f} s of each other (lockstep)"
+    assert bulk_changes(hq, 100) >= 100
+    target = hq_snapshot(hq)                    # one target for all: their acks move HQ's snapshot
+    for b, d in zip(branches, daemons):
+        assert d.count("lost connection to HQ") == 1, d.log()
+        wait_caught_up(hq, b, 60, d, target=target)
