@@ -34,6 +34,10 @@ Benchmarks (``--only`` names):
 * ``fanout``: K ``replicator run`` daemons against one HQ at 500 changes/s: each
   branch's lag p99, HQ CPU per branch; and the window query's plan and time with a
   small and a big change log (``EXPLAIN (ANALYZE, FORMAT JSON)`` of ``LogReader.plain_query``).
+* ``fleet``: a thousand simulated branches (their own logins, through PgBouncer, the
+  daemon's own queries on its schedule: bench_fleet.py) on a durable HQ: HQ's CPU for
+  polling while idle and while a pgbench writer changes stock, the writer's TPS with the
+  fleet vs without, and the lag of every change the branches see.
 
 The command exits 0 when every benchmark ran (whether or not targets are met; use
 ``--strict`` to fail on a missed target) and 1 when a benchmark could not run.
@@ -76,7 +80,7 @@ from .schema import source_tables
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("catchup", "init", "capture", "latency", "fanout", "restrict", "uploads")
+BENCHMARKS = ("catchup", "init", "capture", "latency", "fanout", "restrict", "uploads", "fleet")
 
 # Same settings for every cluster, so ours and the baselines see the same server.
 # A large max_wal_size keeps checkpoints out of the timed parts of 1M-row runs.  The
@@ -125,6 +129,8 @@ class Sizes:
     restrict_items: int = 20_000   # items per store of the filtered table (20 stores)
     restrict_txns: int = 1000      # catch-up transactions, each updating 10 items in every store
     upload_sales: int = 60_000     # sales queued at one branch (and in all, over ten branches)
+    fleet_branches: int = 1000     # simulated branches of the fleet benchmark (bench_fleet.py)
+    fleet_seconds: int = 20        # each phase
 
 
 FULL = Sizes(catchup_txns=1000, init_rows=1_000_000, capture_rows=1_000_000, pgbench_seconds=20,
@@ -133,7 +139,8 @@ FULL = Sizes(catchup_txns=1000, init_rows=1_000_000, capture_rows=1_000_000, pgb
 QUICK = Sizes(catchup_txns=10, init_rows=20_000, capture_rows=20_000, pgbench_seconds=3,
               latency_seconds=3, latency_rate=50, fanout_branches=3, fanout_seconds=10,
               fanout_rate=500, fanout_rows_per_txn=5, log_small=1_000, log_big=100_000,
-              restrict_items=500, restrict_txns=10, upload_sales=600)
+              restrict_items=500, restrict_txns=10, upload_sales=600,
+              fleet_branches=40, fleet_seconds=4)
 
 
 # ============================================================== results
@@ -359,6 +366,9 @@ class Env:
                                                                  "full_page_writes": True})
         self.branch = Cluster("bench-branch", settings=SETTINGS)
         self.branch2 = Cluster("bench-branch2", settings=SETTINGS)
+        # A durable HQ with room for a backend per simulated branch (PgBouncer keeps a pool per login).
+        self.fleet = Cluster("bench-fleet", settings={**SETTINGS, "fsync": True, "full_page_writes": True,
+                                                      "max_connections": sizes.fleet_branches + 100})
         self._started: list[Cluster] = []
 
     def cluster(self, which: str) -> Cluster:
@@ -1574,13 +1584,19 @@ def bench_uploads(env: Env) -> list[Result]:
 
 # ============================================================== main
 
+def bench_fleet(env: Env) -> list[Result]:
+    from .bench_fleet import bench_fleet as run     # it uses this module's harness
+    return run(env)
+
+
 RUNNERS: dict[str, Callable[[Env], list[Result]]] = {
     "catchup": bench_catchup, "init": bench_init, "capture": bench_capture,
     "latency": bench_latency, "fanout": bench_fanout, "restrict": bench_restrict, "uploads": bench_uploads,
+    "fleet": bench_fleet,
 }
 TITLES = {"catchup": "catch-up apply", "init": "initial copy", "capture": "capture on HQ",
           "latency": "latency", "fanout": "fan-out", "restrict": "row restriction",
-          "uploads": "uploads"}
+          "uploads": "uploads", "fleet": "fleet"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -138,7 +138,7 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
         with no cursor, no transaction block and no filter.  False means the window is
         surely empty; True only that it is worth reading.
         """
-        return conn.execute(_PROBE, {"prev": prev, "tables": list(self.tables)}).fetchone()
+        return conn.execute(PROBE, {"prev": prev, "tables": list(self.tables)}).fetchone()
 
     def late_xids(self, conn: psycopg.Connection, prev: str, cur: str) -> list[str]:
         """Transactions in progress at `prev` that have committed by `cur`."""
@@ -147,17 +147,7 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
     def _late_and_arrays(self, conn: psycopg.Connection, prev: str, cur: str) -> tuple[list[str], bool]:
         """The late committers, and whether the window holds an array of images (the partial
         index change_log_arrays makes that a probe of a tiny index)."""
-        return conn.execute(
-            """WITH late AS (SELECT ARRAY(SELECT x FROM pg_snapshot_xip(%(prev)s::pg_snapshot) x
-                                          WHERE pg_visible_in_snapshot(x, %(cur)s::pg_snapshot)) AS xids)
-               SELECT xids::text[],
-                      EXISTS (SELECT FROM replication.change_log l
-                               WHERE l.rows IS NOT NULL AND l.table_id = ANY (%(tables)s::int[])
-                                 AND ((l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot)
-                                       AND l.xid < pg_snapshot_xmax(%(cur)s::pg_snapshot)
-                                       AND pg_visible_in_snapshot(l.xid, %(cur)s::pg_snapshot))
-                                      OR l.xid = ANY (xids)))
-                 FROM late""", {"prev": prev, "cur": cur, "tables": list(self.tables)}).fetchone()
+        return conn.execute(LATE, {"prev": prev, "cur": cur, "tables": list(self.tables)}).fetchone()
 
     def window(self, conn: psycopg.Connection, prev: str, cur: str, after_id: int = 0
                ) -> Iterator[list[tuple]]:
@@ -218,10 +208,14 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
 WINDOW_SETTINGS = {"jit": "off", "work_mem": "64MB", "max_parallel_workers_per_gather": "0"}
 
 
-def window_settings(conn: psycopg.Connection, local: bool = True) -> None:
-    conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+def window_settings_sql(local: bool = True) -> sql.Composed:
+    return sql.SQL("SELECT {}").format(sql.SQL(", ").join(
         sql.SQL("pg_catalog.set_config({}, {}, {})").format(sql.Literal(k), sql.Literal(v), sql.Literal(local))
-        for k, v in WINDOW_SETTINGS.items())))
+        for k, v in WINDOW_SETTINGS.items()))
+
+
+def window_settings(conn: psycopg.Connection, local: bool = True) -> None:
+    conn.execute(window_settings_sql(local))
 
 
 def _plain_chunks(cursor, size: int) -> Iterator[list[tuple]]:
@@ -268,7 +262,9 @@ def _whole_log_rows(cursor, size: int) -> Iterator[list[tuple]]:
         yield chunk
 
 
-_PROBE = """
+# The probe and the late committers' query, by name: the fleet benchmark (bench_fleet.py)
+# runs exactly these, as a thousand branches would.
+PROBE = """
 SELECT s.cur::text,
        EXISTS (SELECT FROM replication.change_log l
                 WHERE l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot) AND l.xid < pg_snapshot_xmax(s.cur)
@@ -278,6 +274,19 @@ SELECT s.cur::text,
                      AND EXISTS (SELECT FROM replication.change_log l
                                   WHERE l.xid = x AND l.table_id = ANY (%(tables)s::int[])))
   FROM (SELECT pg_current_snapshot() AS cur) s"""
+
+
+LATE = """
+WITH late AS (SELECT ARRAY(SELECT x FROM pg_snapshot_xip(%(prev)s::pg_snapshot) x
+                            WHERE pg_visible_in_snapshot(x, %(cur)s::pg_snapshot)) AS xids)
+SELECT xids::text[],
+       EXISTS (SELECT FROM replication.change_log l
+                WHERE l.rows IS NOT NULL AND l.table_id = ANY (%(tables)s::int[])
+                  AND ((l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot)
+                        AND l.xid < pg_snapshot_xmax(%(cur)s::pg_snapshot)
+                        AND pg_visible_in_snapshot(l.xid, %(cur)s::pg_snapshot))
+                       OR l.xid = ANY (xids)))
+  FROM late"""
 
 
 # Rows fetched at a time while completing a chunk's last log row.

@@ -13,8 +13,8 @@ import yaml
 from psycopg import sql
 
 from harness import Branch, make_setup, table_rows
-from pgbouncer import PgBouncer
 from replicator.hq import add_branch
+from replicator.pgbouncer import PgBouncer
 from test_daemon import daemon, wait_until
 
 SCHEMA = """

@@ -1,10 +1,10 @@
-"""A real PgBouncer in front of a test cluster, for tests of pooled connections.
+"""A real PgBouncer in front of a throwaway cluster (tooling: tests and the fleet benchmark).
 
 Started from the distribution's package (.ci/run installs it), as the unprivileged user the
-clusters run as when the tests run as root (PgBouncer, like PostgreSQL, will not run as
-root), in transaction pooling, with two server connections per pool used in turn
+clusters run as when run as root (PgBouncer, like PostgreSQL, will not run as root), in
+transaction pooling.  The tests' default is two server connections per pool used in turn
 (server_round_robin), so consecutive transactions of one client land on different server
-connections, as they do on a busy pooler.
+connections, as they do on a busy pooler; the fleet benchmark asks for one per branch.
 """
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from replicator.cluster import server_os_user
+from .cluster import server_os_user
 
 CANDIDATES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer")
 
 
 def find_pgbouncer() -> str:
     found = shutil.which("pgbouncer") or next((c for c in CANDIDATES if os.access(c, os.X_OK)), None)
-    assert found, "pgbouncer is not installed (.ci/run installs the distribution's package)"
+    if not found:
+        raise RuntimeError("pgbouncer is not installed (.ci/run installs the distribution's package)")
     return found
 
 
@@ -34,13 +35,16 @@ def _free_port() -> int:
 
 
 class PgBouncer:
-    def __init__(self, backend_port: int, users: dict[str, str], pool_size: int = 2):
+    def __init__(self, backend_port: int, users: dict[str, str], pool_size: int = 2, min_pool_size: int | None = None,
+                 max_clients: int = 200):
         # its own directory under /tmp: pytest's are private to root, the pooler's user could not enter
         self.dir = Path(tempfile.mkdtemp(prefix="replicator-pgbouncer-"))
         self.port = _free_port()
         self.backend_port = backend_port
         self.users = users            # role -> password (PgBouncer logs in to PostgreSQL with it)
         self.pool_size = pool_size
+        self.min_pool_size = pool_size if min_pool_size is None else min_pool_size
+        self.max_clients = max_clients
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "PgBouncer":
@@ -57,9 +61,9 @@ auth_type = trust
 auth_file = {self.dir / "userlist.txt"}
 pool_mode = transaction
 default_pool_size = {self.pool_size}
-min_pool_size = {self.pool_size}
+min_pool_size = {self.min_pool_size}
 server_round_robin = 1
-max_client_conn = 200
+max_client_conn = {self.max_clients}
 logfile = {self.dir / "pgbouncer.log"}
 pidfile = {self.dir / "pgbouncer.pid"}
 """)
@@ -78,8 +82,10 @@ pidfile = {self.dir / "pgbouncer.pid"}
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return self
             except OSError:
-                assert self.proc.poll() is None, f"pgbouncer exited {self.proc.returncode}:\n{self.log()}"
-                assert time.monotonic() < deadline, f"pgbouncer not listening:\n{self.log()}"
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"pgbouncer exited {self.proc.returncode}:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"pgbouncer not listening:\n{self.log()}")
                 time.sleep(0.1)
 
     def dsn(self, dbname: str, user: str) -> str:
