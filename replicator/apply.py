@@ -119,13 +119,13 @@ class Applier:
         self.conn.execute("SET session_replication_role = replica")
 
     def reduce(self, rows: list[tuple]) -> Batch:
-        """rows: (id, table_id, op, key, row, ts) in id order, to the last change per key.
+        """rows: (id, table_id, op, key, row, ts, record, xid) in id order, to the last change per key.
 
         Pure Python with no database access, so the reader thread runs it for the
         next chunk while the branch is still executing the current one.
         """
         pending: dict[int, _Pending] = {}
-        for _id, tid, op, key, row, _ts, rec in rows:
+        for _id, tid, op, key, row, _ts, rec, *_xid in rows:
             p = pending.get(tid)
             if p is None:
                 p = pending[tid] = _Pending()
@@ -143,10 +143,141 @@ class Applier:
         if not isinstance(batch, Batch):
             batch = self.reduce(batch)
         stats = ApplyStats(rows=len(batch.rows))
-        for tid, p in batch.pending.items():
+        for tid in batch.pending:
             stats.tables.add(self.tables[tid].qualified)
+        if self._whole_transactions(batch):
+            self._apply_units(batch, stats, hold_unique)
+            return stats
+        for tid, p in batch.pending.items():
             self._apply_table(tid, p, stats, hold_unique)
         return stats
+
+    # ------------------------------------------------------------ source transactions
+    def _whole_transactions(self, batch: Batch) -> bool:
+        """Uploads keep a source transaction whole (a sale is its header and lines): chunks
+        whose rows carry their transaction, without a TRUNCATE (that one goes table-wide)."""
+        return self.slice_of is not None and any(len(r) > 7 and r[7] for r in batch.rows) \
+            and not any(p.truncate for p in batch.pending.values())
+
+    def _apply_units(self, batch: Batch, stats: ApplyStats, hold_unique: bool) -> None:
+        """The chunk set-based in one savepoint when HQ takes all of it and nothing of it
+        waits (the usual case); otherwise transaction by transaction."""
+        blocked = any(self.waiting.get(tid) and not self.waiting[tid].isdisjoint(p.last)
+                      for tid, p in batch.pending.items())
+        if not blocked:
+            try:
+                with self.conn.transaction():
+                    for tid, p in batch.pending.items():
+                        self._set_based(tid, p)
+            except psycopg.Error as e:
+                if not aside.about_one_row(e, True) or (hold_unique and isinstance(e, psycopg.errors.UniqueViolation)):
+                    raise
+                log.info("HQ refused a row of this chunk (%s); applying it transaction by transaction",
+                         e.diag.message_primary)
+            else:
+                for p in batch.pending.values():
+                    stats.deletes += p.counts[0]
+                    stats.upserts += p.counts[1] + p.counts[2]
+                return
+        for xid, rows in _by_transaction(batch.rows):
+            changes = {}
+            for _id, tid, op, key, row, _ts, rec, *_ in rows:
+                changes.setdefault(tid, {}).pop(key, None)
+                changes[tid][key] = (op, row if rec is None else rec)
+            self._try_unit(xid, changes, stats)
+
+    def _try_unit(self, unit: str, changes: dict[int, dict[str, tuple[str, object]]], stats: ApplyStats,
+                  retry: bool = False) -> bool:
+        """Apply one source transaction's changes in a savepoint, all or nothing.  Units set
+        aside before that share a key with it join it (stored images first, its own newer
+        ones over them): tried together, since it may be the fix; refused, they wait together
+        under its name.  True when applied."""
+        keys = [(self.tables[tid].schema, self.tables[tid].name, key) for tid, ks in changes.items() for key in ks]
+        joined = [unit] if retry else aside.units_of(self.conn, self.stream, keys) if self._touches_waiting(changes) \
+            else []
+        merged: dict[int, dict[str, tuple[str, object]]] = {}
+        by_name = {(t.schema, t.name): tid for tid, t in self.tables.items()}
+        for schema, table, key, op, text, record, _u in aside.unit_rows(self.conn, self.stream, joined):
+            tid = by_name.get((schema, table))
+            if tid is not None and (record is not None) == bool(self.tables[tid].record_type):
+                merged.setdefault(tid, {})[key] = (op, text if text is not None else record)
+        for tid, ks in changes.items():
+            for key, change in ks.items():
+                merged.setdefault(tid, {}).pop(key, None)
+                merged[tid][key] = change
+        try:
+            with self.conn.transaction():
+                for tid, ks in merged.items():
+                    for op, row in ks.values():
+                        self.conn.execute(self.sql[tid]["delete" if op == "D" else "upsert"],
+                                          (self.payload[tid]([row]),))
+        except psycopg.Error as e:
+            if not aside.about_one_row(e, True):
+                raise
+            self._set_aside_unit(unit, merged, joined, e, retry)
+            stats.set_aside += sum(len(ks) for ks in changes.values()) if not retry else 0
+            return False
+        if joined:
+            aside.clear_units(self.conn, self.stream, joined)
+        for tid, ks in merged.items():
+            waiting = self.waiting.get(tid, set())
+            stats.cleared += len(waiting & ks.keys())
+            waiting -= ks.keys()
+            if not waiting:
+                self.waiting.pop(tid, None)
+            for op, _row in ks.values():
+                if op == "D":
+                    stats.deletes += 1
+                else:
+                    stats.upserts += 1
+        return True
+
+    def _touches_waiting(self, changes: dict[int, dict]) -> bool:
+        return any(self.waiting.get(tid) and not self.waiting[tid].isdisjoint(ks) for tid, ks in changes.items())
+
+    def _set_aside_unit(self, unit: str, merged: dict[int, dict], joined: list[str], e: psycopg.Error,
+                        retry: bool) -> None:
+        """Every change of the unit waits, each naming the row HQ refused (found key by key
+        in a savepoint that is rolled back: nothing of the unit lands)."""
+        if retry:
+            aside.touch_units(self.conn, self.stream, joined)
+            return
+        culprit = self._refused_key(merged) or (None, None, e)
+        ctid, ckey, cerr = culprit
+        what = f"{self.tables[ctid].qualified} key {ckey}" if ctid is not None else "a row of it"
+        reason = self._slice_reason(self.tables[ctid], cerr) if ctid is not None else None
+        reason = reason or cerr.diag.message_primary or str(cerr)
+        for tid, ks in merged.items():
+            t = self.tables[tid]
+            for key, (op, row) in ks.items():
+                mine = (tid, key) == (ctid, ckey)
+                message = reason if mine else f"set aside with its source transaction: HQ refused {what}: {reason}"
+                aside.put_reason(self.conn, self.stream, t.schema, t.name, key, op, row, cerr.sqlstate,
+                                 cerr.diag.constraint_name, message, unit)
+                self.waiting.setdefault(tid, set()).add(key)
+        log.warning("a source transaction of %d changes set aside whole: HQ refused %s: %s",
+                    sum(len(ks) for ks in merged.values()), what, reason)
+
+    def _refused_key(self, merged: dict[int, dict]) -> tuple[int, str, psycopg.Error] | None:
+        """The first change HQ refuses when the unit's changes are tried one after the other."""
+        found = None
+        try:
+            with self.conn.transaction():
+                for tid, ks in merged.items():
+                    for key, (op, row) in ks.items():
+                        try:
+                            with self.conn.transaction():
+                                self.conn.execute(self.sql[tid]["delete" if op == "D" else "upsert"],
+                                                  (self.payload[tid]([row]),))
+                        except psycopg.Error as e:
+                            if not aside.about_one_row(e, True):
+                                raise
+                            found = (tid, key, e)
+                            raise _Found()
+                raise _Found()           # nothing refused alone: roll back all the same
+        except _Found:
+            pass
+        return found
 
     def _apply_table(self, tid: int, p: _Pending, stats: ApplyStats, hold_unique: bool = False) -> None:
         t, stmts = self.tables[tid], self.sql[tid]
@@ -213,8 +344,12 @@ class Applier:
 
     def retry_waiting(self) -> ApplyStats:
         """Apply what waits again (the caller holds the position lock): the DBA may have fixed
-        the cause.  A row stored as a binary record of an older row type stays."""
+        the cause.  A row stored as a binary record of an older row type stays.  Units (a
+        source transaction kept whole) are tried whole, oldest first."""
         stats = ApplyStats()
+        if self.slice_of is not None:
+            for unit in aside.units(self.conn, self.stream):
+                self._try_unit(unit, {}, stats, retry=True)
         for tid in list(self.waiting):
             t = self.tables[tid]
             p = _Pending()
@@ -248,6 +383,20 @@ class Applier:
             for images in (p.inserts, p.upserts):
                 if images:
                     self.conn.execute(stmts["insert"], (images,))
+
+
+class _Found(Exception):
+    """Ends the search for a refused change (its savepoint rolls back)."""
+
+
+def _by_transaction(rows: list[tuple]) -> list[tuple[str | None, list[tuple]]]:
+    """The chunk's rows per source transaction, in the order the transactions wrote last:
+    of two that touch one key, the later writer waited for the other's commit, so all of
+    the first's rows come before the later one's last row."""
+    groups: dict[str | None, list[tuple]] = {}
+    for r in rows:
+        groups.setdefault(r[7] if len(r) > 7 else None, []).append(r)
+    return sorted(groups.items(), key=lambda g: g[1][-1][0])
 
 
 def _json_array(rows: list[str]) -> str:

@@ -92,19 +92,59 @@ def keys_by_table(conn: psycopg.Connection, stream: str) -> dict[tuple[str, str]
 
 
 def put(conn: psycopg.Connection, stream: str, schema: str, table: str, key: str, op: str, image, e: psycopg.Error,
-        message: str | None = None) -> None:
-    """Set the change aside (or replace the key's older one, keeping when it first waited)."""
+        message: str | None = None, unit: str | None = None) -> None:
+    """Set the change aside (or replace the key's older one, keeping when it first waited).
+    unit: the source transaction it stands or falls with (uploads), or None."""
+    put_reason(conn, stream, schema, table, key, op, image, e.sqlstate, e.diag.constraint_name,
+               message or e.diag.message_primary or str(e), unit)
+
+
+def put_reason(conn: psycopg.Connection, stream: str, schema: str, table: str, key: str, op: str, image,
+               sqlstate: str, constraint: str | None, message: str, unit: str | None = None) -> None:
     text, record = (image.encode(), None) if isinstance(image, str) else (None, bytes(image))
     conn.execute(
         """INSERT INTO replication.set_aside AS a (stream, schema_name, table_name, key, op, image, record,
-                  sqlstate, constraint_name, message)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                  sqlstate, constraint_name, message, unit)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
            ON CONFLICT (stream, schema_name, table_name, key) DO UPDATE
               SET op = EXCLUDED.op, image = EXCLUDED.image, record = EXCLUDED.record,
                   sqlstate = EXCLUDED.sqlstate, constraint_name = EXCLUDED.constraint_name,
-                  message = EXCLUDED.message, tried_at = now(), attempts = a.attempts + 1""",
-        (stream, schema, table, key, "D" if op == "D" else "U", text, record, e.sqlstate,
-         e.diag.constraint_name, message or e.diag.message_primary or str(e)))
+                  message = EXCLUDED.message, unit = EXCLUDED.unit, tried_at = now(), attempts = a.attempts + 1""",
+        (stream, schema, table, key, "D" if op == "D" else "U", text, record, sqlstate, constraint, message, unit))
+
+
+def units_of(conn: psycopg.Connection, stream: str, keys: list[tuple[str, str, str]]) -> list[str]:
+    """The units that hold any of these (schema, table, key)s."""
+    if not keys:
+        return []
+    return [u for (u,) in conn.execute(
+        "SELECT DISTINCT unit FROM replication.set_aside WHERE stream = %s AND unit IS NOT NULL "
+        "AND (schema_name, table_name, key) IN (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))",
+        (stream, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]))]
+
+
+def unit_rows(conn: psycopg.Connection, stream: str, units: list[str]) -> list[tuple]:
+    """(schema, table, key, op, image text, record, unit) of whole units, oldest first."""
+    return [(schema, table, key, op, image.decode() if image is not None else None, record, unit)
+            for schema, table, key, op, image, record, unit in conn.execute(
+                "SELECT schema_name, table_name, key, op::text, image, record, unit FROM replication.set_aside "
+                "WHERE stream = %s AND unit = ANY (%s) ORDER BY since, key", (stream, units))]
+
+
+def clear_units(conn: psycopg.Connection, stream: str, units: list[str]) -> None:
+    conn.execute("DELETE FROM replication.set_aside WHERE stream = %s AND unit = ANY (%s)", (stream, units))
+
+
+def touch_units(conn: psycopg.Connection, stream: str, units: list[str]) -> None:
+    """Tried again and refused again."""
+    conn.execute("UPDATE replication.set_aside SET tried_at = now(), attempts = attempts + 1 "
+                 "WHERE stream = %s AND unit = ANY (%s)", (stream, units))
+
+
+def first_reason(conn: psycopg.Connection, stream: str, units: list[str]) -> tuple[str, str | None, str]:
+    """(sqlstate, constraint, message) of the oldest refusal among these units."""
+    return conn.execute("SELECT sqlstate, constraint_name, message FROM replication.set_aside WHERE stream = %s "
+                        "AND unit = ANY (%s) ORDER BY since LIMIT 1", (stream, units)).fetchone()
 
 
 def clear(conn: psycopg.Connection, stream: str, schema: str, table: str, key: str | None = None) -> None:
@@ -114,18 +154,34 @@ def clear(conn: psycopg.Connection, stream: str, schema: str, table: str, key: s
 
 
 def stored(conn: psycopg.Connection, stream: str, schema: str, table: str) -> list[tuple[str, str, str | None, bytes | None]]:
-    """(key, op, image text, record) of what waits for one table, oldest first."""
+    """(key, op, image text, record) of what waits for one table alone (not in a unit), oldest first."""
     return [(key, op, image.decode() if image is not None else None, record) for key, op, image, record in conn.execute(
         "SELECT key, op::text, image, record FROM replication.set_aside WHERE stream = %s "
-        "AND schema_name = %s AND table_name = %s ORDER BY since, key", (stream, schema, table))]
+        "AND schema_name = %s AND table_name = %s AND unit IS NULL ORDER BY since, key", (stream, schema, table))]
+
+
+def units(conn: psycopg.Connection, stream: str) -> list[str]:
+    """Every unit that waits, oldest first."""
+    return [u for (u,) in conn.execute(
+        "SELECT unit FROM replication.set_aside WHERE stream = %s AND unit IS NOT NULL GROUP BY unit "
+        "ORDER BY min(since), unit", (stream,))]
+
+
+_COLUMNS = ("stream, schema_name, table_name, key, op, image, record, sqlstate, constraint_name, message, "
+            "since, tried_at, attempts, unit")
 
 
 def discard(conn: psycopg.Connection, stream: str, qualified: str, key: str) -> int:
     """Move one set-aside row to replication.discarded (who, when): the only way one goes
-    without being applied."""
+    without being applied.  A row that stands with its source transaction (a sale's line)
+    takes the whole transaction with it: HQ never gets half of it.  Returns rows moved."""
     from .config import parse_table_name
     schema, table = parse_table_name(qualified)
     return conn.execute(
-        """WITH gone AS (DELETE FROM replication.set_aside WHERE stream = %s AND schema_name = %s
-                          AND table_name = %s AND key = %s RETURNING *)
-           INSERT INTO replication.discarded SELECT * FROM gone""", (stream, schema, table, key)).rowcount
+        f"""WITH one AS (SELECT unit FROM replication.set_aside WHERE stream = %(s)s AND schema_name = %(n)s
+                           AND table_name = %(t)s AND key = %(k)s),
+                 gone AS (DELETE FROM replication.set_aside a WHERE stream = %(s)s
+                           AND ((schema_name = %(n)s AND table_name = %(t)s AND key = %(k)s)
+                                OR unit = (SELECT unit FROM one)) RETURNING {_COLUMNS})
+            INSERT INTO replication.discarded ({_COLUMNS}) SELECT {_COLUMNS} FROM gone""",
+        {"s": stream, "n": schema, "t": table, "k": key}).rowcount

@@ -105,7 +105,7 @@ class LogReader:
         # row by row, while the branch applies the previous chunk.  A log row with an array
         # of images becomes one row per image, all with the log row's id.
         return sql.SQL("""
-SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}
+SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l.xid::text
   FROM (SELECT l.ctid AS at, l.id
           FROM replication.change_log l
          WHERE ((l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot)

@@ -336,7 +336,8 @@ def _send(branch: psycopg.Connection, applier: Applier, t: Table, chunk: int = 5
     from .reader import _key_expr, _record_expr
     row = sql.SQL("NULL::text") if t.record_type else sql.SQL("l.row::text")
     rec = _record_expr(t) if t.record_type else sql.SQL("NULL::bytea")
-    query = sql.SQL("SELECT 0::int8, {tid}, 'I'::text, {key}, {row}, now(), {rec} "
+    # no source transaction (the 8th column): a first copy's rows stand alone when refused
+    query = sql.SQL("SELECT 0::int8, {tid}, 'I'::text, {key}, {row}, now(), {rec}, NULL::text "
                     "FROM (SELECT pg_catalog.to_jsonb(s.*) AS row FROM {t} s) l").format(
         tid=sql.Literal(t.id), key=_key_expr(t), row=row, rec=rec, t=t.ident)
     n = 0

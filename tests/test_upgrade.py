@@ -130,19 +130,20 @@ def test_upgrade_in_place_from_the_release_at_c842138(tmp_path, release, hq, bra
         assert branch_a.execute("SELECT (i.*)::text FROM items i ORDER BY id") == before
     _apply(hq, AFTER[2:])
     r = replicator_cli("status", *cfg)          # a read says how to upgrade the branch, and touches nothing
-    assert r.returncode == 1 and "missing target migrations [3, 4]" in r.stderr, r.stderr
+    assert r.returncode == 1 and "missing target migrations [3, 4, 5]" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert branch_a.scalar("SELECT max(version) FROM replication.versions") == 2
 
-    # this release on the branch: its own schema goes to target migration 004, then catch up
+    # this release on the branch: its own schema goes to target migration 005, then catch up
     if upgrader == "check":
         r = replicator_cli("check", *cfg)
-        assert "branch replication schema upgraded: target migration 004_streams" in r.stdout, r.stdout + r.stderr
+        for m in ("004_streams", "005_units"):
+            assert f"branch replication schema upgraded: target migration {m}" in r.stdout, r.stdout + r.stderr
         assert branch_a.execute("SELECT side, max(version) FROM replication.versions GROUP BY 1") == \
-            [("target", 4)]
+            [("target", 5)]
     r = replicator_cli("run", "--once", *cfg)
     assert r.returncode == 0, r.stderr
-    assert branch_a.execute("SELECT side, max(version) FROM replication.versions GROUP BY 1") == [("target", 4)]
+    assert branch_a.execute("SELECT side, max(version) FROM replication.versions GROUP BY 1") == [("target", 5)]
     assert_same(hq, branch_a, "items")
     assert_same(hq, branch_a, "stock", hq_where="store_id = 2")
     assert branch_a.scalar("SELECT stream FROM replication.position") == "catalogs"

@@ -244,6 +244,71 @@ def test_rows_outside_the_slice_are_set_aside_and_named_and_the_rest_goes_on(up)
     assert up.hq.execute("SELECT count(*) FROM replication.set_aside WHERE stream = 'uploads:store-a'")[0][0] == 1
 
 
+def _ring(db, reg: int, folio: int, store: int, qtys: list[int]) -> None:
+    """One sale: its header and lines in one transaction, as a till commits it."""
+    with db.connect() as conn, conn.transaction():
+        conn.execute("INSERT INTO public.sales VALUES (%s, %s, %s, %s)", (reg, folio, store, sum(qtys)))
+        for line, qty in enumerate(qtys, 1):
+            conn.execute("INSERT INTO public.sale_lines VALUES (%s, %s, %s, %s, %s, %s)",
+                         (reg, folio, line, store, line, qty))
+
+
+def _aside(up, name: str) -> dict[str, tuple[str, str | None]]:
+    return {k: (m, u) for k, m, u in up.hq.execute(
+        "SELECT key, message, unit FROM replication.set_aside WHERE stream = %s", (f"uploads:{name}",))}
+
+
+def _hq_stock_matches_its_lines(up) -> None:
+    """HQ's ENABLE ALWAYS rule moved stock for exactly the lines HQ holds (none of a refused sale)."""
+    assert up.hq.execute("""SELECT count(*) FROM public.items i WHERE stock <> 1000 - coalesce(
+        (SELECT sum(qty) FROM public.sale_lines l WHERE l.item_id = i.id), 0)""")[0][0] == 0
+
+
+def test_a_sale_with_one_refused_line_is_set_aside_whole_and_goes_up_whole_once_fixed(up):
+    """The unit of uploads is the source transaction: HQ refuses one line (a CHECK only HQ
+    has), so neither the header nor the other lines land; the sales around it do.  The
+    store's correction of that line (a later transaction on the same key) is tried together
+    with the waiting sale and takes it up whole; a DBA's fix at HQ takes another up on the
+    next start."""
+    up.init("store-a")
+    up.hq.execute("ALTER TABLE public.sale_lines ADD CONSTRAINT hq_sane_qty CHECK (qty < 100)")
+    a = up.dbs["store-a"]
+    _ring(a, 11, 1, 1, [1, 2])
+    _ring(a, 11, 2, 1, [3, 500, 4])              # line 2 breaks HQ's check
+    _ring(a, 12, 1, 1, [5])
+    up.run_once("store-a")
+    assert up.hq.execute("SELECT register_id, folio FROM public.sales ORDER BY 1, 2") == [(11, 1), (12, 1)]
+    assert up.hq.execute("SELECT count(*) FROM public.sale_lines WHERE folio = 2")[0][0] == 0
+    aside = _aside(up, "store-a")
+    assert set(aside) == {'["11", "2"]', '["11", "2", "1"]', '["11", "2", "2"]', '["11", "2", "3"]'}
+    assert len({u for _m, u in aside.values()}) == 1 and None not in {u for _m, u in aside.values()}
+    assert "hq_sane_qty" in aside['["11", "2", "2"]'][0] or "check constraint" in aside['["11", "2", "2"]'][0]
+    assert aside['["11", "2"]'][0].startswith("set aside with its source transaction: HQ refused "
+                                              'public.sale_lines key ["11", "2", "2"]')
+    _hq_stock_matches_its_lines(up)
+    res = replicator_cli("status", "-c", str(up.paths["store-a"]))
+    assert res.returncode == 1 and "4 set aside" in res.stdout, res.stdout
+    # the store corrects the line: that transaction joins the waiting sale, and both go up
+    a.execute("UPDATE public.sale_lines SET qty = 5 WHERE register_id = 11 AND folio = 2 AND line_no = 2")
+    up.run_once("store-a")
+    assert _aside(up, "store-a") == {}
+    assert up.hq.execute("SELECT qty FROM public.sale_lines WHERE folio = 2 ORDER BY line_no") == [(3,), (5,), (4,)]
+    # another bad sale, then HQ's DBA relaxes the check: the next start takes it up whole
+    _ring(a, 12, 2, 1, [7, 300])
+    up.run_once("store-a")
+    assert len(_aside(up, "store-a")) == 3
+    up.hq.execute("ALTER TABLE public.sale_lines DROP CONSTRAINT hq_sane_qty")
+    up.run_once("store-a")
+    assert _aside(up, "store-a") == {}
+    assert_slices_match_one(up, "store-a")
+    _hq_stock_matches_its_lines(up)
+
+
+def assert_slices_match_one(up, name: str) -> None:
+    for table in ("public.sales", "public.sale_lines"):
+        assert up.slice(table, name) == table_rows(up.dbs[name], table), f"{name}: {table} differs at HQ"
+
+
 def test_truncate_and_reinit_at_one_branch_leave_the_other_untouched(up):
     rng = random.Random(3)
     sell(up.dbs["store-a"], "store-a", 10, rng)
