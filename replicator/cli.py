@@ -537,22 +537,40 @@ def set_aside() -> None:
     """
 
 
+UPLOADS_FLAG = click.option("--uploads", "uploads_side", is_flag=True,
+                            help="the sales this branch uploads, set aside at HQ (through the branch's HQ login)")
+
+
+def _aside_side(cfg, uploads_side: bool, app: str):
+    """(connection, stream) of the set-aside rows asked for: the branch's catalogs, or its
+    uploads at HQ (row-level security shows the login only its own)."""
+    from . import db, state
+    from .stream import CATALOGS
+    if uploads_side:
+        from .uploads import stream as upload_stream
+        conn = db.connect(cfg.source_dsn, "HQ", autocommit=True, application=app)
+        return conn, upload_stream(cfg).name
+    conn = db.connect(cfg.target_dsn, "branch", autocommit=True, application=app)
+    state.require_current(conn)
+    return conn, CATALOGS
+
+
 @set_aside.command("list")
 @CONFIG
-def aside_list(config_path: str) -> None:
+@UPLOADS_FLAG
+def aside_list(config_path: str, uploads_side: bool) -> None:
     """List the changes set aside. Exit 1 when there are any.
 
     Example:
 
         replicator set-aside list -c branch.yaml
+        replicator set-aside list -c branch.yaml --uploads
     """
     from . import aside as aside_mod
-    from . import db, state
-    from .stream import CATALOGS
     cfg = config_mod.load_branch(config_path)
-    with db.connect(cfg.target_dsn, "branch", autocommit=True, application="replicator set-aside") as conn:
-        state.require_current(conn)
-        rows = aside_mod.rows(conn, CATALOGS)
+    conn, stream = _aside_side(cfg, uploads_side, "replicator set-aside")
+    with conn:
+        rows = aside_mod.rows(conn, stream)
     for row in rows:
         click.echo(row.line())
     if not rows:
@@ -562,17 +580,23 @@ def aside_list(config_path: str) -> None:
 
 @set_aside.command("retry")
 @CONFIG
-def aside_retry(config_path: str) -> None:
+@UPLOADS_FLAG
+def aside_retry(config_path: str, uploads_side: bool) -> None:
     """Apply the set-aside changes again now (after fixing their cause).
     Exit 1 when some are still refused.
 
     Example:
 
         replicator set-aside retry -c branch.yaml
+        replicator set-aside retry -c branch.yaml --uploads
     """
     from .daemon import Session
     cfg = config_mod.load_branch(config_path)
-    session = Session(cfg, app="replicator set-aside")
+    if uploads_side:
+        from .uploads import UploadSession
+        session = UploadSession(cfg, app="replicator set-aside")
+    else:
+        session = Session(cfg, app="replicator set-aside")
     try:
         session.open()
         left = sum(len(k) for k in session.applier.waiting.values())
@@ -584,34 +608,39 @@ def aside_retry(config_path: str) -> None:
 
 @set_aside.command("discard")
 @CONFIG
+@UPLOADS_FLAG
 @click.argument("table")
 @click.argument("key")
-def aside_discard(config_path: str, table: str, key: str) -> None:
+def aside_discard(config_path: str, uploads_side: bool, table: str, key: str) -> None:
     """Give up one set-aside change on purpose: it is recorded (who, when, what) in
     replication.discarded and never applied. `verify --repair` then makes the row
-    HQ's again.
+    HQ's again. With --uploads, a change that stands with its source transaction (a
+    sale's line) takes the whole transaction with it: HQ never holds half a sale.
 
     Example:
 
         replicator set-aside discard -c branch.yaml public.items 42
+        replicator set-aside discard -c branch.yaml --uploads public.sales '["11", "2"]'
     """
     from . import aside as aside_mod
-    from . import db, state
+    from . import state
     from .config import qualify
-    from .stream import CATALOGS
     cfg = config_mod.load_branch(config_path)
     try:
         table = qualify(table)
     except ValueError as e:
         raise ConfigError(str(e), None, None, "TABLE", table) from None
-    with db.connect(cfg.target_dsn, "branch", autocommit=True, application="replicator set-aside") as conn:
-        state.require_current(conn)
+    conn, stream = _aside_side(cfg, uploads_side, "replicator set-aside")
+    with conn:
         with conn.transaction():
-            state.load_position(conn, CATALOGS, lock=True)        # not while run applies
-            gone = aside_mod.discard(conn, CATALOGS, table, key) if aside_mod.has_table(conn) else 0
+            state.load_position(conn, stream, lock=True)          # not while run applies
+            gone = aside_mod.discard(conn, stream, table, key) if aside_mod.has_table(conn) else 0
+    flag = " --uploads" if uploads_side else ""
     if not gone:
-        raise ConfigError(f"nothing of {table} key {key} is set aside (see `replicator set-aside list`)")
-    click.echo(f"discarded {table} key {key} (recorded in replication.discarded)")
+        raise ConfigError(f"nothing of {table} key {key} is set aside (see `replicator set-aside list{flag}`)")
+    more = f" and the {gone - 1} other change{'s' * (gone != 2)} of its source transaction" if gone > 1 else ""
+    click.echo(f"discarded {table} key {key}{more} (recorded in replication.discarded"
+               f"{' at HQ' if uploads_side else ''})")
 
 
 # `replicator aside`, this group's name before DESIGN's `set-aside` was followed: kept, unlisted

@@ -304,6 +304,38 @@ def test_a_sale_with_one_refused_line_is_set_aside_whole_and_goes_up_whole_once_
     _hq_stock_matches_its_lines(up)
 
 
+def test_set_aside_commands_list_retry_and_discard_a_sale_at_hq_whole(up):
+    """`replicator set-aside ... --uploads` through the branch's own HQ login: list names
+    each change of the refused sale, retry leaves it while HQ still refuses, discard of one
+    line takes the whole sale into replication.discarded (recorded, with who)."""
+    up.init("store-a")
+    up.init("store-b")
+    up.hq.execute("ALTER TABLE public.sale_lines ADD CONSTRAINT hq_sane_qty CHECK (qty < 100)")
+    _ring(up.dbs["store-a"], 11, 1, 1, [1, 999])
+    _ring(up.dbs["store-b"], 21, 1, 2, [999])
+    up.run_once("store-a")
+    up.run_once("store-b")
+    cfg = ["-c", str(up.paths["store-a"]), "--uploads"]
+    listed = replicator_cli("set-aside", "list", *cfg)
+    assert listed.returncode == 1, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 3 and not any('["21"' in line for line in lines), listed.stdout
+    assert any('public.sale_lines key ["11", "1", "2"]' in line and "hq_sane_qty" in line for line in lines)
+    retried = replicator_cli("set-aside", "retry", *cfg)
+    assert retried.returncode == 1 and "3 changes still set aside" in retried.stdout, retried.stdout + retried.stderr
+    gone = replicator_cli("set-aside", "discard", *cfg, "public.sale_lines", '["11", "1", "1"]')
+    assert gone.returncode == 0 and "and the 2 other changes of its source transaction" in gone.stdout, \
+        gone.stdout + gone.stderr
+    assert _aside(up, "store-a") == {}
+    assert len(_aside(up, "store-b")) == 2                     # the other branch's sale still waits
+    assert up.hq.execute("SELECT count(*), min(discarded_by) FROM replication.discarded "
+                         "WHERE stream = 'uploads:store-a'")[0] == (3, role_name("store-a"))
+    again = replicator_cli("set-aside", "discard", *cfg, "public.sales", '["21", "1"]')
+    assert again.returncode == 2 and "nothing of public.sales key" in again.stderr, again.stdout + again.stderr
+    assert len(_aside(up, "store-b")) == 2                     # another branch's rows are out of its reach
+    assert up.hq.execute("SELECT count(*) FROM public.sales WHERE store_id = 1")[0][0] == 0
+
+
 def assert_slices_match_one(up, name: str) -> None:
     for table in ("public.sales", "public.sale_lines"):
         assert up.slice(table, name) == table_rows(up.dbs[name], table), f"{name}: {table} differs at HQ"
