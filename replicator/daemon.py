@@ -404,16 +404,21 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
     session.stop = stop
     server = metrics_mod.serve(session.metrics.registry, metrics_listen) if metrics_listen else None
     previous = _install_signal_handlers(stop)
-    up, failed = None, []
+    failed: list[BaseException] = []
+    ups: list = []                       # the upload stream's session, once open
     try:
         # A problem at start (config, password, schema, HQ unreachable) is an error, not an outage.
         session.open()
         up = _open_uploads(session, stop)
-        thread = None
         if up is not None:
+            ups.append(up)
+        thread = None
+        if up is not None or (session.upload_names and not once):
             def upload_loop():
                 try:
-                    _loop(up, once, stop)
+                    if not ups and not _wait_for_uploads(session, stop, ups):
+                        return
+                    _loop(ups[0], once, stop)
                 except BaseException as e:      # the run stops with the first failure of either flow
                     failed.append(e)
                     stop.set()
@@ -421,16 +426,23 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
             thread.start()
         systemd.notify(f"READY=1\nSTATUS=replicating {len(session.tables)} tables"
                        + (f", uploading {len(up.tables)}" if up is not None else ""))
+        watchdog = systemd.Watchdog()
         if once and thread is not None:
             # sales first: HQ's own rules may move catalogs with them (stock), and --once
             # ends with the catalogs caught up with what the sales changed at HQ
-            thread.join()
+            while thread.is_alive():
+                watchdog.feed()
+                thread.join(1.0)
             if failed:
                 raise failed[0]
         try:
-            _loop(session, once, stop, systemd.Watchdog())
-        except BaseException:
+            _loop(session, once, stop, watchdog)
+        except BaseException as e:
             stop.set()
+            if thread is not None:
+                thread.join()
+            if failed and failed[0] is not e:    # both flows failed: say the other one too
+                log.error("the upload stream stopped too: %s", failed[0])
             raise
         finally:
             if thread is not None:
@@ -443,7 +455,7 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
     finally:
         systemd.notify("STOPPING=1")
         session.close()
-        if up is not None:
+        for up in ups:
             up.close()
         _restore_signal_handlers(previous)
         if server is not None:
@@ -451,7 +463,27 @@ def run(cfg: BranchConfig, once: bool = False, stop: threading.Event | None = No
             server.server_close()
 
 
-def _open_uploads(session: Session, stop: threading.Event):
+UPLOADS_CHECK = 15.0     # seconds between looks for uploads initialized after `run` started
+
+
+def _wait_for_uploads(session: Session, stop: threading.Event, ups: list) -> bool:
+    """The branch's uploads were not initialized when `run` started: look again now and
+    then, so a `replicator init` while it runs starts them without a restart.  False when
+    stopped first."""
+    while not stop.wait(UPLOADS_CHECK):
+        try:
+            up = _open_uploads(session, stop, quiet=True)
+        except (ReplicatorError, psycopg.Error) as e:
+            log.debug("uploads not open yet: %s", e)
+            continue
+        if up is not None:
+            ups.append(up)
+            log.info("uploads initialized meanwhile; uploading %d tables", len(up.tables))
+            return True
+    return False
+
+
+def _open_uploads(session: Session, stop: threading.Event, quiet: bool = False):
     """The upload stream's session, or None when the branch uploads nothing (or has not
     initialized its uploads yet: then the catalogs still flow, and it is said)."""
     from . import uploads
@@ -463,7 +495,8 @@ def _open_uploads(session: Session, stop: threading.Event):
         up.open()
     except NotInitialized as e:
         up.close()
-        log.warning("%s; carrying the catalogs only", e)
+        if not quiet:
+            log.warning("%s; carrying the catalogs only (`run` starts the uploads once they are)", e)
         return None
     except BaseException:
         up.close()

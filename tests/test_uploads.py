@@ -179,6 +179,33 @@ def test_history_goes_up_at_init_and_two_branches_sell_at_once(up):
     assert "sales uploaded up to" in st.line() and "0 pending, 0 set aside" in st.line()
 
 
+def test_uploads_initialized_while_run_runs_start_without_a_restart(up, monkeypatch):
+    """`run` started before the branch's uploads were initialized carries the catalogs and
+    says so; `replicator init` meanwhile starts the sales going up in the same process."""
+    from replicator import daemon
+    monkeypatch.setattr(daemon, "UPLOADS_CHECK", 0.5)
+    initialize(up.cfg("store-a"))                          # the catalogs only
+    _ring(up.dbs["store-a"], 11, 1, 1, [2, 3])
+    stop = threading.Event()
+    result = []
+    runner = threading.Thread(target=lambda: result.append(run(up.cfg("store-a"), stop=stop)))
+    runner.start()
+    try:
+        time.sleep(2)
+        assert runner.is_alive() and up.hq.execute("SELECT count(*) FROM public.sales")[0][0] == 0
+        assert uploads.initialize(up.cfg("store-a")) == ["sales"]      # the history, at init
+        _ring(up.dbs["store-a"], 11, 2, 1, [4])                        # and a sale after it
+        deadline = time.monotonic() + 60
+        while up.hq.execute("SELECT count(*) FROM public.sales WHERE folio = 2")[0][0] == 0:
+            assert runner.is_alive() and time.monotonic() < deadline, "the new sale did not go up"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        runner.join(60)
+    assert result == [0]
+    assert_slices_match_one(up, "store-a")
+
+
 def test_a_branch_login_writes_only_its_own_slice_from_psql(up):
     sell(up.dbs["store-b"], "store-b", 3, random.Random(1), voids=False)
     up.init("store-a")
