@@ -29,7 +29,7 @@ from psycopg import sql
 
 from . import db, purge, state
 from .apply import Applier, slice_condition
-from .config import BranchConfig, HQConfig, UploadSpec, table_display
+from .config import BranchConfig, HQConfig, UploadSpec, quote_ident, table_display
 from .daemon import Session
 from .errors import ConfigError, LockHeld, NotInitialized, ReplicatorError, UnknownCatalog
 from .filters import parse_filter, render_for_any_branch
@@ -58,6 +58,9 @@ def stream(cfg: BranchConfig) -> Stream:
 class TargetReport:
     changed: list[str] = field(default_factory=list)    # tables whose protection was (re)built
     warnings: list[str] = field(default_factory=list)
+
+
+FOLIO_TYPES = ("smallint", "integer", "bigint")
 
 
 def check_targets(conn: psycopg.Connection, cfg: HQConfig) -> None:
@@ -133,6 +136,11 @@ def _check_table(conn: psycopg.Connection, cfg: HQConfig, up: UploadSpec, t) -> 
         for c in (up.folios.register, up.folios.folio):
             if c not in cols:
                 raise ConfigError(f"upload {up.name}: folios: {t.name} has no column {c}", cfg.path)
+        kind = cols[up.folios.folio]
+        if kind not in FOLIO_TYPES and not (kind.startswith("numeric(") and kind.endswith(",0)")):
+            raise ConfigError(f"upload {up.name}: folios: {t.name}.{quote_ident(up.folios.folio)} is {kind}; "
+                              "a folio is a whole number (smallint, integer, bigint or numeric(N,0)), so that "
+                              "hq status can find the folios missing between two", cfg.path)
     other = conn.execute(
         "SELECT string_agg(polname, ', ') FROM pg_policy WHERE polrelid = to_regclass(format('%%I.%%I', "
         "%s::text, %s::text)) AND polname NOT LIKE 'replicator%%'", (t.schema, t.relname)).fetchone()[0]

@@ -569,6 +569,19 @@ def test_bad_owner_predicates_are_refused_by_hq_install_before_any_change(tmp_pa
     assert hq.execute("SELECT to_regclass('replication.uploads')")[0][0] is None
 
 
+def test_a_folio_column_that_is_no_whole_number_is_refused_by_hq_install(tmp_path, hq):
+    hq.execute(SCHEMA.replace("folio bigint NOT NULL, store_id int NOT NULL,\n    total",
+                              "folio bigint NOT NULL, store_id int NOT NULL, ticket text,\n    total"))
+    path = tmp_path / "hq.yaml"
+    folios = {"table": "public.sales", "register": "register_id", "folio": "ticket"}
+    path.write_text(yaml.safe_dump({"dsn": hq.dsn, "catalogs": CATALOGS, "uploads": {"sales": {
+        "tables": ["public.sales"], "owner": "store_id = :store_id", "folios": folios}}}))
+    res = replicator_cli("hq", "install", "-c", str(path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "folios: public.sales.ticket is text; a folio is a whole number" in res.stderr, res.stderr
+    assert hq.execute("SELECT to_regclass('replication.uploads')")[0][0] is None
+
+
 def test_an_unknown_upload_in_branch_yaml_is_a_config_error(up):
     doc = yaml.safe_load(up.paths["store-a"].read_text())
     doc["uploads"] = ["refunds"]
