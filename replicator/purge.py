@@ -6,8 +6,9 @@ store's database and stay at HQ.  It deletes in replica mode
 (`session_replication_role = replica`), where capture's triggers do not fire, so nothing
 of it enters the branch's log.  Foreign-key actions do not fire in replica mode either: the
 rows of upload tables that reference the purged ones (a sale's lines) are deleted first,
-explicitly, and a table outside the upload that references them makes the purge refuse
-rather than leave it orphans.
+explicitly, and a table outside the upload that references them, or a kept row of a table
+that references itself (a return and its sale), makes the purge refuse rather than leave
+orphans.
 
 Changes already in the branch's log still go up (the log is not touched), so a purge never
 loses a sale HQ has not received.  Each purge is recorded in replication.purges (table,
@@ -66,6 +67,8 @@ def purge(cfg: BranchConfig, table: str, where: str, dry_run: bool = False) -> P
         try:
             with branch.transaction():
                 branch.execute("SET LOCAL session_replication_role = replica")    # capture stays quiet
+                for (s, n), cond in plan:
+                    _refuse_kept_references(branch, (s, n), cond)
                 for (s, n), cond in plan:
                     shown_t = table_display(s, n)
                     report.rows[shown_t] = report.rows.get(shown_t, 0) + branch.execute(
@@ -155,6 +158,33 @@ def _children(conn: psycopg.Connection, table: tuple[str, str], cond: sql.Compos
             sql.Identifier(*table), cond)
         plan += _children(conn, (s, n), sub, owned, seen + (table,))
     return plan + [(table, cond)]
+
+
+_SELF_REFERENCES = """
+SELECT c.conname::text, array_agg(a.attname::text ORDER BY k.ord), array_agg(p.attname::text ORDER BY k.ord)
+  FROM pg_constraint c
+ CROSS JOIN LATERAL unnest(c.conkey, c.confkey) WITH ORDINALITY AS k(att, patt, ord)
+  JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.att
+  JOIN pg_attribute p ON p.attrelid = c.confrelid AND p.attnum = k.patt
+ WHERE c.contype = 'f' AND c.conrelid = to_regclass(format('%%I.%%I', %s::text, %s::text))
+   AND c.confrelid = c.conrelid AND c.conparentid = 0
+ GROUP BY c.oid, c.conname"""
+
+
+def _refuse_kept_references(conn: psycopg.Connection, table: tuple[str, str], cond: sql.Composable) -> None:
+    """A table that references itself (a return pointing at the sale it returns): a row the
+    purge keeps must not point at one it deletes, since replica mode fires no foreign-key
+    action and the kept row would be left an orphan."""
+    t = sql.Identifier(*table)
+    for name, cols, refs in conn.execute(_SELF_REFERENCES, table).fetchall():
+        kept = conn.execute(sql.SQL("SELECT count(*) FROM {t} WHERE NOT ({c}) AND ({f}) IN "
+                                    "(SELECT {r} FROM {t} WHERE {c})").format(
+            t=t, c=cond, f=sql.SQL(", ").join(map(sql.Identifier, cols)),
+            r=sql.SQL(", ").join(map(sql.Identifier, refs)))).fetchone()[0]
+        if kept:
+            raise ReplicatorError(f"{kept} row{'s' * (kept != 1)} of {table_display(*table)} that the purge keeps "
+                                  f"reference{'s' * (kept == 1)} rows it deletes (foreign key {name}): they would "
+                                  "be left orphans; widen the predicate to take them too (nothing was purged)")
 
 
 def spared(branch: psycopg.Connection, schema: str, name: str) -> sql.Composable | None:

@@ -482,6 +482,30 @@ def test_a_purge_drops_old_sales_at_the_branch_and_hq_keeps_them(up):
     assert up.dbs["store-a"].execute("SELECT count(*) FROM replication.purges")[0][0] == 1
 
 
+def test_a_purge_that_would_orphan_a_kept_return_is_refused(up):
+    """A return row points at the sale it returns (a foreign key of sales to itself): a
+    purge that takes the sale and keeps the return is refused, and nothing is purged."""
+    for db in (up.hq, up.dbs["store-a"]):
+        db.execute("ALTER TABLE public.sales ADD COLUMN returns_folio bigint, ADD CONSTRAINT returns_sale "
+                   "FOREIGN KEY (register_id, returns_folio) REFERENCES public.sales")
+    a = up.dbs["store-a"]
+    for folio in (1, 2, 3):
+        _ring(a, 11, folio, 1, [1])
+    a.execute("INSERT INTO public.sales VALUES (11, 4, 1, -1, false, 2)")        # returns folio 2
+    up.init("store-a")
+    cfg = str(up.paths["store-a"])
+    res = replicator_cli("purge", "-c", cfg, "public.sales", "--where", "folio <= 3")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert "1 row of public.sales that the purge keeps references rows it deletes (foreign key returns_sale)" \
+        in res.stderr, res.stderr
+    assert a.execute("SELECT count(*) FROM public.sales")[0][0] == 4
+    assert a.execute("SELECT count(*) FROM replication.purges")[0][0] == 0
+    res = replicator_cli("purge", "-c", cfg, "public.sales", "--where", "folio <= 4")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert a.execute("SELECT count(*) FROM public.sales")[0][0] == 0
+    assert up.hq.execute("SELECT count(*) FROM public.sales")[0][0] == 4                 # HQ keeps them
+
+
 def test_a_purge_predicate_means_the_same_rows_in_every_session(branch_a):
     """Stored, and evaluated again at HQ later: a time must not depend on TimeZone or DateStyle."""
     from replicator import purge
