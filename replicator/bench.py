@@ -1193,7 +1193,7 @@ def bench_fanout(env: Env) -> list[Result]:
         note = (f"{k} daemons, {written:,} changes at {rate:.0f}/s (asked {s.fanout_rate}/s, "
                 f"{s.fanout_rows_per_txn}-row txns) for {t1 - t0:.0f} s; median branch p99 "
                 f"{median(p99s):.2f} s{behind}")
-        lag = limit_result("fan-out", "worst branch lag p99", worst, 2.0, "s", note=note, strict_below=True)
+        lag = limit_result("fan-out", "worst branch lag p99", worst, 1.0, "s", note=note, strict_below=True)
         if behind:
             lag.ok = False
         if rate < 0.9 * s.fanout_rate:
