@@ -235,6 +235,8 @@ def _repair(ctx: "_Context", report: VerifyReport) -> RepairReport:
                     if keys:
                         ctx.recopy(t, keys)
                         out.repaired[t.qualified] = len(keys)
+                        if not t.sliced:
+                            _clear_repaired(branch, ctx.stream.name, t, keys)
                         log.info("%s: re-copied %d rows at HQ snapshot %s", t.qualified, len(keys), out.snapshot)
     out.seconds = time.monotonic() - started
     return out
@@ -601,6 +603,18 @@ def _stream_key(t: Table, key: str) -> str:
         return ("true" if v else "false") if isinstance(v, bool) else str(v)
     parts = [text(values[c]) for c in t.key_columns]
     return parts[0] if len(parts) == 1 else json.dumps(parts, ensure_ascii=False)
+
+
+def _clear_repaired(conn: psycopg.Connection, stream: str, t: Table, keys: list[str]) -> None:
+    """A waiting change of a key repair just copied from HQ is superseded by HQ's row (no
+    change of the key is pending: repair skips those), so it waits no more."""
+    if not aside.has_table(conn):
+        return
+    gone = conn.execute("DELETE FROM replication.set_aside WHERE stream = %s AND schema_name = %s "
+                        "AND table_name = %s AND key = ANY (%s)",
+                        (stream, t.schema, t.name, [_stream_key(t, k) for k in keys])).rowcount
+    if gone:
+        log.info("%s: %d set-aside change%s superseded by the repaired rows", t.qualified, gone, "s" * (gone != 1))
 
 
 def _set_aside_keys(conn: psycopg.Connection, stream: str, t: Table) -> set[str]:

@@ -132,3 +132,19 @@ def test_rows_set_aside_survive_a_sigkill_and_apply_after_the_fix(world, hq, bra
     assert r.returncode == 0 and "applied 20 set-aside changes on retry" in r.stderr, r.stderr
     assert branch_a.scalar("SELECT count(*) FROM items") == 2001
     assert b.cli("verify").returncode == 0
+
+
+def test_verify_repair_copies_a_waiting_key_and_it_waits_no_more(world, hq, branch_a):
+    """The DBA fixes the cause and repairs at once: the key is HQ's row again, and its
+    set-aside change (now superseded) no longer counts as waiting."""
+    b = world
+    hq.execute("INSERT INTO items VALUES (2, 'expensive', 5000, 'B'), (3, 'fine', 3, 'C')")
+    assert b.cli("run", "--once").returncode == 0
+    assert set(waiting(branch_a)) == {"2"}
+    branch_a.execute("ALTER TABLE items DROP CONSTRAINT cheap")
+    r = b.cli("verify", "--repair")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert waiting(branch_a) == {}
+    assert branch_a.scalar("SELECT price FROM items WHERE id = 2") == 5000
+    r = b.cli("status")
+    assert r.returncode == 0 and "catalogs are up to date" in r.stdout, r.stdout
