@@ -197,10 +197,18 @@ class Applier:
             else []
         merged: dict[int, dict[str, tuple[str, object]]] = {}
         by_name = {(t.schema, t.name): tid for tid, t in self.tables.items()}
+        unusable = 0
         for schema, table, key, op, text, record, _u in aside.unit_rows(self.conn, self.stream, joined):
             tid = by_name.get((schema, table))
             if tid is not None and (record is not None) == bool(self.tables[tid].record_type):
                 merged.setdefault(tid, {})[key] = (op, text if text is not None else record)
+            else:
+                unusable += 1
+        if unusable:
+            # a row of a waiting unit this session cannot apply (its table left the upload, or
+            # it is stored in an older row form): the unit cannot go up whole, so it stays,
+            # and this transaction waits with it (verify --repair, then discard)
+            return self._wait_with(unit, joined, changes, stats, retry)
         for tid, ks in changes.items():
             for key, change in ks.items():
                 merged.setdefault(tid, {}).pop(key, None)
@@ -221,7 +229,11 @@ class Applier:
             aside.clear_units(self.conn, self.stream, joined)
         for tid, ks in merged.items():
             waiting = self.waiting.get(tid, set())
-            stats.cleared += len(waiting & ks.keys())
+            done = waiting & ks.keys()
+            t = self.tables[tid]
+            for key in done:             # also a key that waited alone (a first copy's row)
+                aside.clear(self.conn, self.stream, t.schema, t.name, key)
+            stats.cleared += len(done)
             waiting -= ks.keys()
             if not waiting:
                 self.waiting.pop(tid, None)
@@ -231,6 +243,25 @@ class Applier:
                 else:
                     stats.upserts += 1
         return True
+
+    def _wait_with(self, unit: str, joined: list[str], changes: dict[int, dict], stats: ApplyStats,
+                   retry: bool) -> bool:
+        """Keep waiting units as they are (one name for all of them) and set this
+        transaction's changes aside with them."""
+        if retry:
+            aside.touch_units(self.conn, self.stream, joined)
+            return False
+        first = aside.first_reason(self.conn, self.stream, joined)
+        aside.retag_units(self.conn, self.stream, joined, unit)
+        for tid, ks in changes.items():
+            t = self.tables[tid]
+            for key, (op, row) in ks.items():
+                aside.put_reason(self.conn, self.stream, t.schema, t.name, key, op, row, first[0], first[1],
+                                 "waits with a set-aside source transaction it touches, which holds a row this "
+                                 f"replicator cannot apply ({first[2]}); `verify --repair`, then discard it", unit)
+                self.waiting.setdefault(tid, set()).add(key)
+                stats.set_aside += 1
+        return False
 
     def _touches_waiting(self, changes: dict[int, dict]) -> bool:
         return any(self.waiting.get(tid) and not self.waiting[tid].isdisjoint(ks) for tid, ks in changes.items())

@@ -135,6 +135,12 @@ def clear_units(conn: psycopg.Connection, stream: str, units: list[str]) -> None
     conn.execute("DELETE FROM replication.set_aside WHERE stream = %s AND unit = ANY (%s)", (stream, units))
 
 
+def retag_units(conn: psycopg.Connection, stream: str, units: list[str], unit: str) -> None:
+    """Waiting units joined into one (they go up together or not at all)."""
+    conn.execute("UPDATE replication.set_aside SET unit = %s WHERE stream = %s AND unit = ANY (%s)",
+                 (unit, stream, units))
+
+
 def touch_units(conn: psycopg.Connection, stream: str, units: list[str]) -> None:
     """Tried again and refused again."""
     conn.execute("UPDATE replication.set_aside SET tried_at = now(), attempts = attempts + 1 "

@@ -177,7 +177,7 @@ def _refuse_kept_references(conn: psycopg.Connection, table: tuple[str, str], co
     action and the kept row would be left an orphan."""
     t = sql.Identifier(*table)
     for name, cols, refs in conn.execute(_SELF_REFERENCES, table).fetchall():
-        kept = conn.execute(sql.SQL("SELECT count(*) FROM {t} WHERE NOT ({c}) AND ({f}) IN "
+        kept = conn.execute(sql.SQL("SELECT count(*) FROM {t} WHERE ({c}) IS NOT TRUE AND ({f}) IN "
                                     "(SELECT {r} FROM {t} WHERE {c})").format(
             t=t, c=cond, f=sql.SQL(", ").join(map(sql.Identifier, cols)),
             r=sql.SQL(", ").join(map(sql.Identifier, refs)))).fetchone()[0]

@@ -45,11 +45,14 @@ class LogReader:
     """Builds the window query once per table set; reads chunks of it."""
 
     def __init__(self, tables: list[Table], params: dict, skip: dict[int, str] | None = None,
-                 chunk_rows: int = 5000):
+                 chunk_rows: int = 5000, whole_transactions: bool = False):
         self.tables = {t.id: t for t in tables}
         self.params = params
         self.skip = dict(skip or {})
         self.chunk_rows = chunk_rows
+        # Uploads apply a source transaction all or nothing (apply.py): a chunk then never
+        # ends inside one, which each row's transaction's last id in the window tells.
+        self.whole_transactions = whole_transactions
         # A window without a bulk statement's array of images (most windows) is read by the
         # plain query: expanding arrays costs every log row something, a catch-up about 7%.
         self.query = self._build(arrays=True)
@@ -105,8 +108,8 @@ class LogReader:
         # row by row, while the branch applies the previous chunk.  A log row with an array
         # of images becomes one row per image, all with the log row's id.
         return sql.SQL("""
-SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l.xid::text
-  FROM (SELECT l.ctid AS at, l.id
+SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l.xid::text, w.xid_last
+  FROM (SELECT l.ctid AS at, l.id, {xid_last} AS xid_last
           FROM replication.change_log l
          WHERE ((l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot)
                  AND l.xid < pg_snapshot_xmax(%(cur)s::pg_snapshot)
@@ -120,7 +123,9 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l
  {chunk_where}
  ORDER BY w.id""").format(op=op, keys=sql.SQL(" ").join(key_cases), row=row, where=where, rec=rec,
                           fetch=IMAGES if arrays else sql.SQL("SELECT * FROM replication.change_log l"),
-                          chunk_where=chunk_where)
+                          chunk_where=chunk_where,
+                          xid_last=sql.SQL("pg_catalog.max(l.id) OVER (PARTITION BY l.xid)")
+                          if self.whole_transactions else sql.SQL("l.id"))
 
     def _predicate(self, t: Table, row_expr: sql.Composable) -> sql.Composable | None:
         if not t.filter:
@@ -192,7 +197,12 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l
             with conn.cursor(name="replicator_window", binary=True) as cur_:
                 cur_.itersize = self.chunk_rows
                 cur_.execute(query, params)
-                chunks = _whole_log_rows(cur_, self.chunk_rows) if arrays else _plain_chunks(cur_, self.chunk_rows)
+                if self.whole_transactions:
+                    chunks = _whole_units(cur_, self.chunk_rows)
+                elif arrays:
+                    chunks = _whole_log_rows(cur_, self.chunk_rows)
+                else:
+                    chunks = _plain_chunks(cur_, self.chunk_rows)
                 for n, rows in enumerate(chunks, 1):
                     yield rows
                     if len(rows) < self.chunk_rows:
@@ -226,6 +236,40 @@ def _plain_chunks(cursor, size: int) -> Iterator[list[tuple]]:
             yield rows
         if len(rows) < size:
             return
+
+
+def _whole_units(cursor, size: int) -> Iterator[list[tuple]]:
+    """Chunks of about `size` rows that end only where every source transaction begun in
+    them is complete: each row carries its transaction's last id in the window (column 8),
+    and a cut goes where the next row's id is past all of them (a bulk log row's images
+    share their id and transaction, so it stays whole too).  Only the last chunk has fewer
+    than `size` rows."""
+    rows: list[tuple] = []
+    done = False
+
+    def fetch(count: int) -> None:
+        nonlocal done
+        got = cursor.fetchmany(count)
+        rows.extend(got)
+        done = len(got) < count
+
+    while True:
+        if not done and len(rows) <= size:
+            fetch(size + 1 - len(rows))
+        if done and len(rows) <= size:
+            if rows:
+                yield rows
+            return
+        cut, need = 0, 0
+        while True:
+            while cut < len(rows) and (cut < size or rows[cut][0] <= need):
+                need = max(need, rows[cut][8])
+                cut += 1
+            if cut < len(rows) or done:
+                break
+            fetch(_TAIL_FETCH)
+        chunk, rows = rows[:cut], rows[cut:]
+        yield chunk
 
 
 def _whole_log_rows(cursor, size: int) -> Iterator[list[tuple]]:

@@ -407,7 +407,7 @@ class UploadSession(Session):
                 skip[t.id] = st.copy_snapshot
         self.tables = tables
         self.shape = self._shape()
-        self.reader = LogReader(tables, {}, skip, self.cfg.batch_rows)
+        self.reader = LogReader(tables, {}, skip, self.cfg.batch_rows, whole_transactions=True)
         self.applier = Applier(self.target, self.stream.name, tables, slice_of=self.cfg.branch)
         self.applier.prepare_session()
         self.applier.load_waiting()

@@ -331,6 +331,32 @@ def test_a_sale_with_one_refused_line_is_set_aside_whole_and_goes_up_whole_once_
     _hq_stock_matches_its_lines(up)
 
 
+def test_a_sale_is_never_split_by_a_chunk_boundary(up):
+    """Two tills ring up at once, their rows interleaved in the log, with chunks of two
+    changes: a chunk grows until the sales begun in it are complete, so the sale with a
+    refused line still waits whole (not its header applied in an earlier chunk)."""
+    doc = yaml.safe_load(up.paths["store-a"].read_text())
+    up.paths["store-a"].write_text(yaml.safe_dump({**doc, "batch_rows": 2}))
+    up.init("store-a")
+    up.hq.execute("ALTER TABLE public.sale_lines ADD CONSTRAINT hq_sane_qty CHECK (qty < 100)")
+    a = up.dbs["store-a"]
+    with a.connect() as one, a.connect() as two:
+        one.autocommit = two.autocommit = False          # two open transactions, interleaved
+        one.execute("INSERT INTO public.sales VALUES (11, 1, 1, 0)")
+        two.execute("INSERT INTO public.sales VALUES (12, 1, 1, 0)")
+        one.execute("INSERT INTO public.sale_lines VALUES (11, 1, 1, 1, 1, 1)")
+        two.execute("INSERT INTO public.sale_lines VALUES (12, 1, 1, 1, 1, 1)")
+        one.execute("INSERT INTO public.sale_lines VALUES (11, 1, 2, 1, 2, 500)")     # refused at HQ
+        two.execute("INSERT INTO public.sale_lines VALUES (12, 1, 2, 1, 2, 2)")
+        one.commit()
+        two.commit()
+    up.run_once("store-a")
+    assert up.hq.execute("SELECT register_id FROM public.sales") == [(12,)]
+    assert up.hq.execute("SELECT register_id, line_no FROM public.sale_lines ORDER BY 1, 2") == [(12, 1), (12, 2)]
+    assert set(_aside(up, "store-a")) == {'["11", "1"]', '["11", "1", "1"]', '["11", "1", "2"]'}
+    _hq_stock_matches_its_lines(up)
+
+
 def test_set_aside_commands_list_retry_and_discard_a_sale_at_hq_whole(up):
     """`replicator set-aside ... --uploads` through the branch's own HQ login: list names
     each change of the refused sale, retry leaves it while HQ still refuses, discard of one
