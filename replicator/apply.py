@@ -215,10 +215,7 @@ class Applier:
                 merged[tid][key] = change
         try:
             with self.conn.transaction():
-                for tid, ks in merged.items():
-                    for op, row in ks.values():
-                        self.conn.execute(self.sql[tid]["delete" if op == "D" else "upsert"],
-                                          (self.payload[tid]([row]),))
+                self._write_unit(merged)
         except psycopg.Error as e:
             if not aside.about_one_row(e, True):
                 raise
@@ -243,6 +240,24 @@ class Applier:
                 else:
                     stats.upserts += 1
         return True
+
+    def _write_unit(self, merged: dict[int, dict[str, tuple[str, object]]]) -> None:
+        """The unit's final images key by key; when a unique value moves between its rows
+        (line numbers shifted by one statement), its keys deleted first and the images
+        inserted again, as the set-based path does."""
+        try:
+            with self.conn.transaction():
+                for tid, ks in merged.items():
+                    for op, row in ks.values():
+                        self.conn.execute(self.sql[tid]["delete" if op == "D" else "upsert"],
+                                          (self.payload[tid]([row]),))
+        except psycopg.errors.UniqueViolation:
+            for tid, ks in merged.items():
+                rows = [row for _op, row in ks.values()]
+                self.conn.execute(self.sql[tid]["delete"], (self.payload[tid](rows),))
+                kept = [row for op, row in ks.values() if op != "D"]
+                if kept:
+                    self.conn.execute(self.sql[tid]["insert"], (self.payload[tid](kept),))
 
     def _wait_with(self, unit: str, joined: list[str], changes: dict[int, dict], stats: ApplyStats,
                    retry: bool) -> bool:

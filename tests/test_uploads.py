@@ -357,6 +357,28 @@ def test_a_sale_is_never_split_by_a_chunk_boundary(up):
     _hq_stock_matches_its_lines(up)
 
 
+def test_a_transaction_that_swaps_unique_values_goes_up_beside_a_refused_sale(up):
+    """In a chunk HQ refuses part of, each transaction is applied on its own; one that swaps
+    two lines' items (unique per sale) cannot go key by key, and goes up as delete and
+    insert, while the refused sale beside it waits."""
+    up.hq.execute("ALTER TABLE public.sale_lines ADD CONSTRAINT one_item UNIQUE (register_id, folio, item_id)")
+    # the branch's is checked at the end of the statement (DEFERRABLE), so its swap commits
+    up.dbs["store-a"].execute("ALTER TABLE public.sale_lines ADD CONSTRAINT one_item UNIQUE "
+                              "(register_id, folio, item_id) DEFERRABLE")
+    up.init("store-a")
+    a = up.dbs["store-a"]
+    _ring(a, 11, 1, 1, [1, 2])                   # items 1 and 2
+    up.run_once("store-a")
+    up.hq.execute("ALTER TABLE public.sale_lines ADD CONSTRAINT hq_sane_qty CHECK (qty < 100)")
+    a.execute("UPDATE public.sale_lines SET item_id = 3 - item_id WHERE register_id = 11 AND folio = 1")
+    _ring(a, 11, 2, 1, [500])
+    up.run_once("store-a")
+    assert up.hq.execute("SELECT line_no, item_id FROM public.sale_lines WHERE folio = 1 ORDER BY 1") == \
+        [(1, 2), (2, 1)]
+    assert set(_aside(up, "store-a")) == {'["11", "2"]', '["11", "2", "1"]'}
+    _hq_stock_matches_its_lines(up)
+
+
 def test_set_aside_commands_list_retry_and_discard_a_sale_at_hq_whole(up):
     """`replicator set-aside ... --uploads` through the branch's own HQ login: list names
     each change of the refused sale, retry leaves it while HQ still refuses, discard of one
