@@ -331,6 +331,53 @@ def test_a_sale_with_one_refused_line_is_set_aside_whole_and_goes_up_whole_once_
     _hq_stock_matches_its_lines(up)
 
 
+HQ_ONLY_RULES = {
+    # kind: (HQ's rule, what the branch allows instead, the SQLSTATE HQ refuses with)
+    "unique": ("ALTER TABLE public.sale_lines ADD CONSTRAINT one_item UNIQUE (register_id, folio, item_id)",
+               None, "23505"),
+    "not null": (None, "ALTER TABLE public.sale_lines ALTER COLUMN qty DROP NOT NULL", "23502"),
+    "enable always fk": ("""
+        CREATE FUNCTION public.known_item() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NOT EXISTS (SELECT FROM public.items WHERE id = NEW.item_id) THEN
+                RAISE EXCEPTION 'item % is not in HQ''s catalog', NEW.item_id USING ERRCODE = 'foreign_key_violation';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER known_item BEFORE INSERT OR UPDATE ON public.sale_lines
+            FOR EACH ROW EXECUTE FUNCTION public.known_item();
+        ALTER TABLE public.sale_lines ENABLE ALWAYS TRIGGER known_item;""", None, "23503"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HQ_ONLY_RULES))
+def test_each_refusal_kind_at_hq_sets_the_sale_aside_whole(up, kind):
+    """A UNIQUE, a NOT NULL or a foreign key an ENABLE ALWAYS trigger enforces, only at HQ:
+    the sale breaking it waits whole with the SQLSTATE, the sales around it land."""
+    hq_rule, branch_rule, sqlstate = HQ_ONLY_RULES[kind]
+    up.init("store-a")
+    if hq_rule:
+        up.hq.execute(hq_rule)
+    a = up.dbs["store-a"]
+    if branch_rule:
+        a.execute(branch_rule)
+    _ring(a, 11, 1, 1, [1, 2])
+    with a.connect() as conn, conn.transaction():             # the bad sale: its second line breaks the rule
+        conn.execute("INSERT INTO public.sales VALUES (11, 2, 1, 2)")
+        conn.execute("INSERT INTO public.sale_lines VALUES (11, 2, 1, 1, 1, 1)")
+        line = {"unique": (11, 2, 2, 1, 1, 1), "not null": (11, 2, 2, 1, 2, None),
+                "enable always fk": (11, 2, 2, 1, 99, 1)}[kind]
+        conn.execute("INSERT INTO public.sale_lines VALUES (%s, %s, %s, %s, %s, %s)", line)
+    _ring(a, 12, 1, 1, [3])
+    up.run_once("store-a")
+    assert up.hq.execute("SELECT register_id, folio FROM public.sales ORDER BY 1, 2") == [(11, 1), (12, 1)]
+    assert up.hq.execute("SELECT count(*) FROM public.sale_lines WHERE folio = 2 AND register_id = 11")[0][0] == 0
+    got = {k: st for k, st in up.hq.execute(
+        "SELECT key, sqlstate FROM replication.set_aside WHERE stream = 'uploads:store-a'")}
+    assert got == {'["11", "2"]': sqlstate, '["11", "2", "1"]': sqlstate, '["11", "2", "2"]': sqlstate}, got
+    _hq_stock_matches_its_lines(up)
+
+
 def test_a_sale_is_never_split_by_a_chunk_boundary(up):
     """Two tills ring up at once, their rows interleaved in the log, with chunks of two
     changes: a chunk grows until the sales begun in it are complete, so the sale with a
