@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import psycopg
 import yaml
 
+from . import bench_kit as b
 from . import config
 from .capture import install
 from .daemon import ACK_INTERVAL, IDLE_ADVANCE, IDLE_AFTER, QUIET_ADVANCE
@@ -239,7 +240,6 @@ def raise_fd_limit(needed: int) -> None:
 
 
 def bench_fleet(env) -> list:
-    from . import bench as b        # its harness: Result, pgbench, CPU accounting (bench runs this module)
     k, secs = env.sizes.fleet_branches, env.sizes.fleet_seconds
     raise_fd_limit(3 * k + 200)
     defaults = config.BranchConfig.__dataclass_fields__

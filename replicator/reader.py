@@ -239,37 +239,9 @@ def _plain_chunks(cursor, size: int) -> Iterator[list[tuple]]:
 
 
 def _whole_units(cursor, size: int) -> Iterator[list[tuple]]:
-    """Chunks of about `size` rows that end only where every source transaction begun in
-    them is complete: each row carries its transaction's last id in the window (column 8),
-    and a cut goes where the next row's id is past all of them (a bulk log row's images
-    share their id and transaction, so it stays whole too).  Only the last chunk has fewer
-    than `size` rows."""
-    rows: list[tuple] = []
-    done = False
-
-    def fetch(count: int) -> None:
-        nonlocal done
-        got = cursor.fetchmany(count)
-        rows.extend(got)
-        done = len(got) < count
-
-    while True:
-        if not done and len(rows) <= size:
-            fetch(size + 1 - len(rows))
-        if done and len(rows) <= size:
-            if rows:
-                yield rows
-            return
-        cut, need = 0, 0
-        while True:
-            while cut < len(rows) and (cut < size or rows[cut][0] <= need):
-                need = max(need, rows[cut][8])
-                cut += 1
-            if cut < len(rows) or done:
-                break
-            fetch(_TAIL_FETCH)
-        chunk, rows = rows[:cut], rows[cut:]
-        yield chunk
+    """Chunks that end only where every source transaction begun in them is complete: each
+    row carries its transaction's last id in the window (column 8)."""
+    return _grown_chunks(cursor, size, end=8)
 
 
 def _whole_log_rows(cursor, size: int) -> Iterator[list[tuple]]:
@@ -277,8 +249,15 @@ def _whole_log_rows(cursor, size: int) -> Iterator[list[tuple]]:
 
     A position inside a window is a log id (the branch resumes after it), so a chunk must
     not end between two images of a bulk statement's log row: the rest would be skipped.
-    Only the last chunk has fewer than `size` rows (the daemon knows the window's end so).
     """
+    return _grown_chunks(cursor, size, end=0)
+
+
+def _grown_chunks(cursor, size: int, end: int) -> Iterator[list[tuple]]:
+    """Chunks of `size` rows, each grown while the next row's id is not past the largest
+    row[end] in it (a row's own id: its log row stays whole; its transaction's last id: the
+    transaction does).  Only the last chunk has fewer than `size` rows (the daemon knows
+    the window's end so)."""
     rows: list[tuple] = []
     done = False
 
@@ -290,14 +269,15 @@ def _whole_log_rows(cursor, size: int) -> Iterator[list[tuple]]:
 
     while True:
         if not done and len(rows) <= size:
-            fetch(size + 1 - len(rows))     # one more: does the last log row go on?
+            fetch(size + 1 - len(rows))     # one more: does the chunk go on?
         if done and len(rows) <= size:
             if rows:
                 yield rows
             return
-        cut = size
+        cut, need = 0, 0
         while True:
-            while cut < len(rows) and rows[cut][0] == rows[cut - 1][0]:
+            while cut < len(rows) and (cut < size or rows[cut][0] <= need):
+                need = max(need, rows[cut][end])
                 cut += 1
             if cut < len(rows) or done:
                 break
