@@ -120,7 +120,7 @@ class Poller:
             fleet.lags.setdefault(self.n, []).extend(seen - r[5].timestamp() for r in rows)
         self.pos = self.probed = cur
         self.last_advance = time.monotonic()
-        await self.ack(cur, rows[-1][5] if rows else None, fleet)
+        await self.ack(cur, rows[-1][5] if rows else None, fleet, force=bool(rows))
         return bool(rows)
 
     async def advance(self, cur: str, fleet: Fleet) -> None:
@@ -132,7 +132,7 @@ class Poller:
         self.last_advance = time.monotonic()
         await self.ack(cur, None, fleet, force=True)
 
-    async def ack(self, position: str, applied_until, fleet: Fleet, force: bool = True) -> None:
+    async def ack(self, position: str, applied_until, fleet: Fleet, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last_ack < ACK_INTERVAL:
             return
