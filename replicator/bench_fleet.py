@@ -70,6 +70,7 @@ class Poller:
         self.tables = list(reader.tables)
         self.conn: psycopg.AsyncConnection | None = None
         self.pos = self.probed = None
+        self.unreported = None        # a report held back (the daemon's _ack)
         self.last_news = self.last_ack = self.last_advance = 0.0
 
     async def open(self, start: str) -> None:
@@ -84,20 +85,23 @@ class Poller:
         await asyncio.sleep(random.uniform(0, self.idle_poll))     # daemons start at any moment
         while not stop.is_set():
             fleet = owner.fleet          # the current phase's counters
+            began = time.monotonic()
             try:
                 found = await self.step(fleet)
             except psycopg.Error:
                 fleet.errors += 1
                 found = False
-            if found:
-                continue                 # as the daemon: a window with changes, then probe again at once
             wait = self.poll if time.monotonic() - self.last_news < IDLE_AFTER else self.idle_poll
+            if found:                    # as the daemon (_next_probe_in): probes keep their cadence
+                wait = max(0.0, wait - (time.monotonic() - began))
             try:
                 await asyncio.wait_for(stop.wait(), wait)
             except asyncio.TimeoutError:
                 pass
 
     async def step(self, fleet: Fleet) -> bool:
+        if self.unreported and time.monotonic() - self.last_ack >= ACK_INTERVAL:   # the daemon's flush_ack
+            await self.ack(*self.unreported, fleet, force=True)
         cur, news = await (await self.conn.execute(PROBE, {"prev": self.probed, "tables": self.tables})).fetchone()
         fleet.probes += 1
         if cur == self.pos:
@@ -120,7 +124,7 @@ class Poller:
             fleet.lags.setdefault(self.n, []).extend(seen - r[5].timestamp() for r in rows)
         self.pos = self.probed = cur
         self.last_advance = time.monotonic()
-        await self.ack(cur, rows[-1][5] if rows else None, fleet, force=bool(rows))
+        await self.ack(cur, rows[-1][5] if rows else None, fleet)
         return bool(rows)
 
     async def advance(self, cur: str, fleet: Fleet) -> None:
@@ -135,8 +139,10 @@ class Poller:
     async def ack(self, position: str, applied_until, fleet: Fleet, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last_ack < ACK_INTERVAL:
+            self.unreported = (position, applied_until)
             return
         self.last_ack = now
+        self.unreported = None
         await self.conn.execute("SELECT replication.ack(%s, %s::pg_snapshot, %s, %s)",
                                 (self.name, position, applied_until, 0))
         fleet.acks += 1
@@ -254,6 +260,8 @@ def bench_fleet(env) -> list:
     script.write_text(WRITER_SCRIPT.replace(":stores", str(k)))
     pollers = [Poller(n, name, bouncer.dsn(hq.name, roles[name]), LogReader(tables, {"store_id": n}), poll, idle)
                for n, name in enumerate(roles, 1)]
+    for p in pollers:
+        p.reader.routed = True       # each is a branch login: what LogReader.know_login finds
     runner = FleetRunner(pollers)
     alone, with_fleet, idle_cpu, busy_cpu, lags, worst, medians, notes = [], [], [], [], [], [], [], []
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from . import db
+from . import db, routes
 from .config import HQConfig, quote_ident, table_display
 from .errors import ConfigError
 from .filters import parse_filter
@@ -102,7 +102,8 @@ def install(conn: psycopg.Connection, cfg: HQConfig, detach: bool = False) -> In
     silently lose the branches' changes.
     """
     _check_tables(conn, cfg)
-    validate_filters(cfg, lambda t: hq_columns(conn, t.schema, t.relname))
+    columns = lambda t: hq_columns(conn, t.schema, t.relname)     # noqa: E731
+    validate_filters(cfg, columns)
     check_filters_on_hq(conn, cfg)
     done = db.migrate(conn, "capture")
     attached, unchanged = [], []
@@ -115,6 +116,7 @@ def install(conn: psycopg.Connection, cfg: HQConfig, detach: bool = False) -> In
         except psycopg.errors.ObjectInUse as e:
             raise ConfigError(f"{e.diag.message_primary}; {e.diag.message_hint}", cfg.path) from None
         restricted = restrict_rows(conn, cfg)
+        routes.apply(conn, cfg, columns)
         after = _by_table(conn, "signature")
         filters_after = _by_table(conn, "filter")
     filters = [(name, filters_before.get(name), f) for name, f in sorted(filters_after.items())

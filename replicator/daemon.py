@@ -80,6 +80,7 @@ class Session:
         self.reader = None
         self.config_version = 0
         self.last_ack = 0.0
+        self.unreported = None                    # a position report _ack held back
         self.last_advance = 0.0
         self.probed = self.probed_from = None    # end of the last empty probe, and the position it began at
         self.last_news = time.monotonic()         # when a probe last found something for us
@@ -222,6 +223,7 @@ class Session:
 
     def step(self, target: str | None = None) -> int:
         """Apply one window (up to `target`, or to HQ's current snapshot). Returns changes applied."""
+        self.flush_ack()
         pos = state.load_position(self.target, self.stream.name, schema_known=True)
         if pos.config_version != self.config_version:
             self.load()
@@ -276,8 +278,11 @@ class Session:
         self.last_advance = time.monotonic()
         if cur_at is not None:
             self.metrics.caught_up(cur_at)
-        self._ack(cur, newest, force=applied > 0 or target is not None)
+        self._report_window(cur, newest, applied, once=target is not None)
         return applied
+
+    def _report_window(self, cur: str, newest, applied: int, once: bool) -> None:
+        self._ack(cur, newest, force=once)
 
     def _probe(self, pos: state.Position) -> tuple[str | None, bool]:
         """HQ's snapshot and whether anything of ours may have committed since the position.
@@ -334,6 +339,11 @@ class Session:
         self.last_advance = time.monotonic()
         self._ack(cur, None, force=True)
 
+    def flush_ack(self, now: bool = False) -> None:
+        """Send the report _ack held back, once ACK_INTERVAL has passed (or `now`)."""
+        if self.unreported is not None and (now or time.monotonic() - self.last_ack >= ACK_INTERVAL):
+            self._ack(*self.unreported, force=True)
+
     def _apply(self, pos: state.Position, cur: str, batch: Batch, done: bool) -> int:
         start = time.monotonic()
         rows = batch.rows
@@ -377,13 +387,16 @@ class Session:
     def _ack(self, position: str, applied_until, force: bool = False) -> None:
         """Report the position to HQ; failing to do so never blocks applying.
 
-        Empty windows are reported at most once per ACK_INTERVAL so that many
-        idle branches do not turn every HQ commit into an UPDATE of their row.
+        Windows are reported at most once per ACK_INTERVAL (each report is a commit on HQ:
+        a busy fleet reporting every window would flush HQ's WAL for each); one held back
+        goes with the next step after the interval (flush_ack), or when `run` stops.
         """
         now = time.monotonic()
         if not force and now - self.last_ack < ACK_INTERVAL:
+            self.unreported = (position, applied_until)
             return
         self.last_ack = now
+        self.unreported = None
         try:
             waiting = sum(len(k) for k in self.applier.waiting.values())
             self.primary.execute("SELECT replication.ack(%s, %s::pg_snapshot, %s, %s)",
@@ -520,10 +533,11 @@ def _loop(session: Session, once: bool, stop: threading.Event, watchdog=None) ->
                 outage_since = None
             if once and _caught_up(session, target):
                 return
+            began = time.monotonic()
             applied = session.step(target)
             rebound = False
-            if not once and applied == 0:
-                stop.wait(session.poll_wait())
+            if not once:
+                stop.wait(_next_probe_in(session, applied, began))
         except _Rebind:
             log.info("a %s table's columns changed while running; reading its definition again",
                      session.stream.target_label)
@@ -554,6 +568,21 @@ def _loop(session: Session, once: bool, stop: threading.Event, watchdog=None) ->
         except psycopg.DatabaseError as e:
             _explain_failure(session, e)
             raise
+    if session.source is not None:
+        try:
+            session.flush_ack(now=True)       # stopped: HQ sees where we stopped
+        except psycopg.Error:
+            pass
+
+
+def _next_probe_in(session: Session, applied: int, began: float) -> float:
+    """Probes keep their cadence while changes flow: the next comes one poll interval after
+    the one that found them, at once when applying took longer (a catch-up).  Probing again
+    the moment a window is applied would make each branch's loop as fast as HQ answers, and
+    a fleet of busy branches would spend HQ's CPU on windows of one change each (README,
+    Performance: the fleet)."""
+    wait = session.poll_wait()
+    return wait if applied == 0 else max(0.0, wait - (time.monotonic() - began))
 
 
 def _caught_up(session: Session, target: str) -> bool:

@@ -555,6 +555,47 @@ def render(flt: RowFilter, params: Mapping[str, object],
     return _Renderer(flt, lambda name, cast_to: _cast(sql.Literal(values[name]), cast_to), column).node(flt.tree)
 
 
+# Column types whose text form is equal exactly when their values are (the route's
+# premise), as format_type prints them without a modifier, and the type a branch's
+# parameter is cast to for its route.
+ROUTE_TYPES = {"smallint": "int2", "integer": "int4", "bigint": "int8", "text": "text",
+               "character varying": "text", "uuid": "uuid"}
+
+
+def route_of(flt: RowFilter) -> tuple[str, str] | None:
+    """The (column, parameter) of a ``column = :parameter`` that the whole filter requires
+    (one of its top-level ANDs), on a column of a ROUTE_TYPES type; None if there is none.
+
+    A row can pass such a filter only for a branch whose parameter, cast to the column's
+    type, has the text the row's column has: capture writes that text into the log row
+    (its route) and a branch's probe and window look only at its own routes and at rows
+    without one (migration 012), instead of evaluating the filter on every store's rows.
+    """
+    def conjuncts(n: exp.Expression):
+        while type(n) is exp.Paren:
+            n = n.this
+        if type(n) is exp.And:
+            yield from conjuncts(n.this)
+            yield from conjuncts(n.expression)
+        else:
+            yield n
+
+    for n in conjuncts(flt.tree):
+        if type(n) is not exp.EQ:
+            continue
+        sides = [n.this, n.expression]
+        while any(type(s) is exp.Paren for s in sides):
+            sides = [s.this if type(s) is exp.Paren else s for s in sides]
+        kinds = [type(s) for s in sides]
+        if sorted(k.__name__ for k in kinds) != ["Column", "Placeholder"]:
+            continue
+        column = _identifier_name(sides[kinds.index(exp.Column)].this)
+        param = sides[kinds.index(exp.Placeholder)].this
+        if _without_typmod(flt.column_types.get(column, "")) in ROUTE_TYPES:
+            return column, param
+    return None
+
+
 def render_for_any_branch(flt: RowFilter, column: Callable[[str], sql.Composable]) -> sql.Composable:
     """The predicate with each parameter looked up on HQ for the session's own branch
     (migration 007's replication.branch_param), for the row restrictions HQ enforces on

@@ -53,13 +53,32 @@ class LogReader:
         # Uploads apply a source transaction all or nothing (apply.py): a chunk then never
         # ends inside one, which each row's transaction's last id in the window tells.
         self.whole_transactions = whole_transactions
-        # A window without a bulk statement's array of images (most windows) is read by the
-        # plain query: expanding arrays costs every log row something, a catch-up about 7%.
-        self.query = self._build(arrays=True)
-        self.plain_query = self._build(arrays=False)
+        # Whether the login is a branch's, whose queries go by its routes (_ROUTE_ARMS); asked
+        # of HQ at the first query (a login does not change kind).
+        self.routed: bool | None = None
+        self._queries: dict[tuple[bool, bool], sql.Composed] = {}
+
+    def query_for(self, arrays: bool, routed: bool) -> sql.Composed:
+        """A window without a bulk statement's array of images (most windows) is read by the
+        plain query: expanding arrays costs every log row something, a catch-up about 7%."""
+        if (arrays, routed) not in self._queries:
+            self._queries[(arrays, routed)] = self._build(arrays, routed)
+        return self._queries[(arrays, routed)]
+
+    @property
+    def query(self) -> sql.Composed:
+        return self.query_for(True, bool(self.routed))
+
+    @property
+    def plain_query(self) -> sql.Composed:
+        return self.query_for(False, bool(self.routed))
+
+    def know_login(self, conn: psycopg.Connection) -> None:
+        if self.routed is None:
+            self.routed = is_routed(conn)
 
     # ------------------------------------------------------------ query
-    def _build(self, arrays: bool) -> sql.Composed:
+    def _build(self, arrays: bool, routed: bool) -> sql.Composed:
         op_cases, key_cases, row_cases, rec_cases, conds, chunk_conds = [], [], [], [], [], []
         for t in self.tables.values():
             tid = sql.Literal(t.id)
@@ -109,23 +128,16 @@ class LogReader:
         # of images becomes one row per image, all with the log row's id.
         return sql.SQL("""
 SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l.xid::text, w.xid_last
-  FROM (SELECT l.ctid AS at, l.id, {xid_last} AS xid_last
-          FROM replication.change_log l
-         WHERE ((l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot)
-                 AND l.xid < pg_snapshot_xmax(%(cur)s::pg_snapshot)
-                 AND pg_visible_in_snapshot(l.xid, %(cur)s::pg_snapshot))
-                OR l.xid = ANY (%(late)s::xid8[]))
-           AND l.id > %(after)s
-           AND l.table_id = ANY (%(tables)s::int[])
-           {where}
-         ORDER BY l.id) w
+  FROM (SELECT u.at, u.id, {xid_last} AS xid_last
+          FROM ({arms}) u
+         ORDER BY u.id) w
  CROSS JOIN LATERAL ({fetch} WHERE l.ctid = w.at OFFSET 0) l
  {chunk_where}
- ORDER BY w.id""").format(op=op, keys=sql.SQL(" ").join(key_cases), row=row, where=where, rec=rec,
+ ORDER BY w.id""").format(op=op, keys=sql.SQL(" ").join(key_cases), row=row, rec=rec, arms=_window_arms(where, routed),
                           fetch=IMAGES if arrays else sql.SQL("SELECT * FROM replication.change_log l"),
                           chunk_where=chunk_where,
-                          xid_last=sql.SQL("pg_catalog.max(l.id) OVER (PARTITION BY l.xid)")
-                          if self.whole_transactions else sql.SQL("l.id"))
+                          xid_last=sql.SQL("pg_catalog.max(u.id) OVER (PARTITION BY u.xid)")
+                          if self.whole_transactions else sql.SQL("u.id"))
 
     def _predicate(self, t: Table, row_expr: sql.Composable) -> sql.Composable | None:
         if not t.filter:
@@ -143,7 +155,8 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l
         with no cursor, no transaction block and no filter.  False means the window is
         surely empty; True only that it is worth reading.
         """
-        return conn.execute(PROBE, {"prev": prev, "tables": list(self.tables)}).fetchone()
+        self.know_login(conn)
+        return conn.execute(PROBE if self.routed else PROBE_ALL, {"prev": prev, "tables": list(self.tables)}).fetchone()
 
     def late_xids(self, conn: psycopg.Connection, prev: str, cur: str) -> list[str]:
         """Transactions in progress at `prev` that have committed by `cur`."""
@@ -167,6 +180,7 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l
         exactly the window, whatever the isolation level.
         """
         late, arrays = self._late_and_arrays(conn, prev, cur)
+        self.know_login(conn)
         query = self.query if arrays else self.plain_query
         if log.isEnabledFor(logging.DEBUG):
             log.debug("window query: %s", query.as_string(conn))
@@ -216,6 +230,20 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l
 # it never earns back on a big log; a window sorts (id, ctid) pairs, 1M of which fit in
 # 64 MB where the default 4 MB spills; parallel workers would cost each poll ms to start.
 WINDOW_SETTINGS = {"jit": "off", "work_mem": "64MB", "max_parallel_workers_per_gather": "0"}
+
+
+
+def _window_arms(where: sql.Composable, routed: bool) -> sql.Composable:
+    """The window's log rows: those of the range (by route for a branch login, see
+    _BRANCH_ARMS) and the late committers' (their xids are below the range: no row is in
+    two arms)."""
+    arms = [arm.format(routes="(SELECT replication.branch_routes())::text[]") for arm in _BRANCH_ARMS] \
+        if routed else ["true"]
+    arms = [sql.SQL(arm + " AND " + _RANGE.format(cur="%(cur)s::pg_snapshot")) for arm in arms]
+    arms.append(sql.SQL("l.xid = ANY (%(late)s::xid8[])"))
+    return sql.SQL("\n UNION ALL ").join(
+        sql.SQL("SELECT l.ctid AS at, l.id, l.xid FROM replication.change_log l WHERE {} AND l.id > %(after)s "
+                "AND l.table_id = ANY (%(tables)s::int[]) {}").format(arm, where) for arm in arms)
 
 
 def window_settings_sql(local: bool = True) -> sql.Composed:
@@ -288,16 +316,37 @@ def _grown_chunks(cursor, size: int, end: int) -> Iterator[list[tuple]]:
 
 # The probe and the late committers' query, by name: the fleet benchmark (bench_fleet.py)
 # runs exactly these, as a thousand branches would.
-PROBE = """
-SELECT s.cur::text,
-       EXISTS (SELECT FROM replication.change_log l
-                WHERE l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot) AND l.xid < pg_snapshot_xmax(s.cur)
-                  AND pg_visible_in_snapshot(l.xid, s.cur) AND l.table_id = ANY (%(tables)s::int[]))
-       OR EXISTS (SELECT FROM pg_snapshot_xip(%(prev)s::pg_snapshot) x
+# The window's range: transactions that began after `prev` (its xmax) and are visible in
+# `cur`.  Late committers (in progress at `prev`) are LATE's, by their xids.
+_RANGE = ("l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot) AND l.xid < pg_snapshot_xmax({cur}) "
+          "AND pg_visible_in_snapshot(l.xid, {cur})")
+
+# Routes (migration 012, routes.py): a branch login looks at the log rows without a route
+# and at those of its own routes, each a range of change_log_route, not at every store's
+# rows.  A session that is no branch login (no routes) reads the log as it is.  Each query
+# comes in both kinds: one text for both would cost every poll the planning of both.
+_BRANCH_ARMS = ("l.route IS NULL", "l.route = ANY ({routes})")
+_LATE_ROWS = """EXISTS (SELECT FROM pg_snapshot_xip(%(prev)s::pg_snapshot) x
                    WHERE pg_visible_in_snapshot(x, s.cur)
                      AND EXISTS (SELECT FROM replication.change_log l
-                                  WHERE l.xid = x AND l.table_id = ANY (%(tables)s::int[])))
-  FROM (SELECT pg_current_snapshot() AS cur) s"""
+                                  WHERE l.xid = x AND l.table_id = ANY (%(tables)s::int[])))"""
+
+
+def _probe(arms) -> str:
+    found = "\n       OR ".join(
+        "EXISTS (SELECT FROM replication.change_log l WHERE {} AND {} AND l.table_id = ANY (%(tables)s::int[]))"
+        .format(arm, _RANGE.format(cur="s.cur")) for arm in arms)
+    return "\nSELECT s.cur::text,\n       {}\n       OR {}\n  FROM (SELECT pg_current_snapshot() AS cur{}) s".format(
+        found, _LATE_ROWS, ", replication.branch_routes() AS routes" if len(arms) > 1 else "")
+
+
+PROBE = _probe([arm.format(routes="s.routes") for arm in _BRANCH_ARMS])
+PROBE_ALL = _probe(["true"])
+
+
+def is_routed(conn: psycopg.Connection) -> bool:
+    """Whether this login is a branch's (it has routes, maybe none), whose queries use them."""
+    return conn.execute("SELECT replication.branch_routes() IS NOT NULL").fetchone()[0]
 
 
 LATE = """

@@ -415,6 +415,10 @@ class UploadSession(Session):
         log.info("branch %s: uploading %d tables of %s", self.cfg.branch, len(tables), ", ".join(names))
         self.retry_waiting()
 
+    def _report_window(self, cur: str, newest, applied: int, once: bool) -> None:
+        """HQ hears of every window that took sales up (hq status counts what is pending)."""
+        self._ack(cur, newest, force=applied > 0 or once)
+
     def _ack(self, position: str, applied_until, force: bool = False) -> None:
         """What HQ holds of the branch's log can go (the branch keeps no retention of its
         own: HQ is the record), and HQ hears how much is still to come."""
