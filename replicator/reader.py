@@ -151,9 +151,9 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l
         """HQ's current snapshot, and whether the log may hold changes of our tables since `prev`.
 
         This is what an idle branch costs HQ on every poll, so it is one statement of
-        index probes on change_log_xid (the window's range, then its late committers),
-        with no cursor, no transaction block and no filter.  False means the window is
-        surely empty; True only that it is worth reading.
+        index probes (the window's range, then its late committers; by route for a branch
+        login, see PROBE), with no cursor, no transaction block and no filter.  False means
+        the window is surely empty; True only that it is worth reading.
         """
         self.know_login(conn)
         return conn.execute(PROBE if self.routed else PROBE_ALL, {"prev": prev, "tables": list(self.tables)}).fetchone()
@@ -323,25 +323,21 @@ _RANGE = ("l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot) AND l.xid < pg_snaps
 
 # Routes (migration 012, routes.py): a branch login looks at the log rows without a route
 # and at those of its own routes, each a range of change_log_route, not at every store's
-# rows.  A session that is no branch login (no routes) reads the log as it is.  Each query
-# comes in both kinds: one text for both would cost every poll the planning of both.
+# rows.  A session that is no branch login (no routes) reads the log as it is.  Windows
+# come in both kinds (one text for both would cost every read the planning of both); a
+# branch login's probe is replication.probe(), whose plans HQ keeps per session.
 _BRANCH_ARMS = ("l.route IS NULL", "l.route = ANY ({routes})")
-_LATE_ROWS = """EXISTS (SELECT FROM pg_snapshot_xip(%(prev)s::pg_snapshot) x
+
+PROBE = "SELECT cur::text, news FROM replication.probe(%(prev)s::pg_snapshot, %(tables)s::int[])"
+PROBE_ALL = """
+SELECT s.cur::text,
+       EXISTS (SELECT FROM replication.change_log l
+                WHERE {range} AND l.table_id = ANY (%(tables)s::int[]))
+       OR EXISTS (SELECT FROM pg_snapshot_xip(%(prev)s::pg_snapshot) x
                    WHERE pg_visible_in_snapshot(x, s.cur)
                      AND EXISTS (SELECT FROM replication.change_log l
-                                  WHERE l.xid = x AND l.table_id = ANY (%(tables)s::int[])))"""
-
-
-def _probe(arms) -> str:
-    found = "\n       OR ".join(
-        "EXISTS (SELECT FROM replication.change_log l WHERE {} AND {} AND l.table_id = ANY (%(tables)s::int[]))"
-        .format(arm, _RANGE.format(cur="s.cur")) for arm in arms)
-    return "\nSELECT s.cur::text,\n       {}\n       OR {}\n  FROM (SELECT pg_current_snapshot() AS cur{}) s".format(
-        found, _LATE_ROWS, ", replication.branch_routes() AS routes" if len(arms) > 1 else "")
-
-
-PROBE = _probe([arm.format(routes="s.routes") for arm in _BRANCH_ARMS])
-PROBE_ALL = _probe(["true"])
+                                  WHERE l.xid = x AND l.table_id = ANY (%(tables)s::int[])))
+  FROM (SELECT pg_current_snapshot() AS cur) s""".format(range=_RANGE.format(cur="s.cur"))
 
 
 def is_routed(conn: psycopg.Connection) -> bool:

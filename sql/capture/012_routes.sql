@@ -123,3 +123,40 @@ BEGIN
     RETURN body;
 END $$;
 REVOKE ALL ON FUNCTION replication.capture_body(int, regclass, text[], text, text[]) FROM PUBLIC;
+
+-- A branch login's probe, as one call: HQ's snapshot and whether the log may hold changes
+-- for it since p_prev (rows without a route or of its routes, of tables HQ grants it, in
+-- the window or of its late committers).  PL/pgSQL keeps its plans per session (a pooled
+-- server connection answers many polls), where the same statement sent as text was
+-- planned at every poll: most of what an idle branch cost HQ.  Generic plans from the first
+-- call (a session would plan the first five calls for their values): index ranges either way.  It tells a branch no more
+-- than that some row of a table it is granted changed; reading one is for the policy.
+CREATE FUNCTION replication.probe(p_prev pg_snapshot, p_tables int[], OUT cur pg_snapshot, OUT news boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    routes text[] := replication.branch_routes();
+    tabs   int[];
+    lo     xid8 := pg_snapshot_xmax(p_prev);
+    hi     xid8;
+BEGIN
+    IF routes IS NULL THEN
+        RAISE EXCEPTION 'replication.probe() is for branch logins' USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    cur := pg_current_snapshot();
+    hi := pg_snapshot_xmax(cur);
+    tabs := ARRAY(SELECT unnest(p_tables) INTERSECT SELECT unnest(replication.granted_tables()));
+    news := EXISTS (SELECT FROM replication.change_log l
+                     WHERE l.route IS NULL AND l.xid >= lo AND l.xid < hi AND pg_visible_in_snapshot(l.xid, cur)
+                       AND l.table_id = ANY (tabs))
+         OR EXISTS (SELECT FROM replication.change_log l
+                     WHERE l.route = ANY (routes) AND l.xid >= lo AND l.xid < hi AND pg_visible_in_snapshot(l.xid, cur)
+                       AND l.table_id = ANY (tabs))
+         OR EXISTS (SELECT FROM pg_snapshot_xip(p_prev) x
+                     WHERE pg_visible_in_snapshot(x, cur)
+                       AND EXISTS (SELECT FROM replication.change_log l
+                                    WHERE l.xid = x AND l.table_id = ANY (tabs)
+                                      AND (l.route IS NULL OR l.route = ANY (routes))));
+END $$;
+REVOKE ALL ON FUNCTION replication.probe(pg_snapshot, int[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION replication.probe(pg_snapshot, int[]) TO replicator_branch;
