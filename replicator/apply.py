@@ -23,6 +23,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Iterator
 
 import psycopg
 from psycopg import pq, sql
@@ -147,6 +148,17 @@ class Applier:
             stats.tables.add(self.tables[tid].qualified)
         if self._whole_transactions(batch):
             self._apply_units(batch, stats, hold_unique)
+            return stats
+        if self.slice_of is not None and any(p.truncate for p in batch.pending.values()):
+            # a branch's TRUNCATE goes table-wide (inside its slice): the sales before and
+            # after it in the chunk still go up, or wait, whole
+            for part in _around_truncates(batch.rows):
+                part = self.reduce(part)
+                if self._whole_transactions(part):
+                    self._apply_units(part, stats, hold_unique)
+                else:
+                    for tid, p in part.pending.items():
+                        self._apply_table(tid, p, stats, hold_unique)
             return stats
         for tid, p in batch.pending.items():
             self._apply_table(tid, p, stats, hold_unique)
@@ -433,6 +445,21 @@ class Applier:
 
 class _Found(Exception):
     """Ends the search for a refused change (its savepoint rolls back)."""
+
+
+def _around_truncates(rows: list[tuple]) -> Iterator[list[tuple]]:
+    """The chunk's rows in runs between TRUNCATEs, each TRUNCATE a run of its own, in order."""
+    run: list[tuple] = []
+    for r in rows:
+        if r[2] == "T":
+            if run:
+                yield run
+            yield [r]
+            run = []
+        else:
+            run.append(r)
+    if run:
+        yield run
 
 
 def _by_transaction(rows: list[tuple]) -> list[tuple[str | None, list[tuple]]]:

@@ -271,6 +271,7 @@ def bench_fleet(env) -> list:
             env.checkpoint()
             cpu0 = b.cluster_cpu_seconds(hq.cluster)
             alone.append(b.pgbench_tps(hq, script, 1, secs))
+            time.sleep(0.5)               # pgbench's backends exit and are reaped (a zombie's CPU reads 0)
             cpu_alone = (b.cluster_cpu_seconds(hq.cluster) - cpu0) / secs
             runner.start(current_snapshot_of(hq))
             time.sleep(idle + 1)                                   # every branch has probed
@@ -287,8 +288,9 @@ def bench_fleet(env) -> list:
             runner.phase()
             cpu0 = b.cluster_cpu_seconds(hq.cluster)
             with_fleet.append(b.pgbench_tps(hq, script, 1, secs))
-            busy = (b.cluster_cpu_seconds(hq.cluster) - cpu0) / secs
-            time.sleep(poll + 1)                                   # the last changes arrive
+            time.sleep(0.5)
+            busy = (b.cluster_cpu_seconds(hq.cluster) - cpu0) / (secs + 0.5)
+            time.sleep(poll + 0.5)                                 # the last changes arrive
             seen = runner.phase()
             runner.halt()
             # HQ's CPU less what the writer's own transactions took (at the rate it still reached)
@@ -300,8 +302,9 @@ def bench_fleet(env) -> list:
             medians.append(statistics.median(p99s) if p99s else float("nan"))
             notes.append(f"run {run}: writer {alone[-1]:.0f} -> {with_fleet[-1]:.0f} TPS, HQ CPU {cpu_alone:.2f} -> "
                          f"{busy:.2f} cores; idle fleet {quiet.probes / t:.0f} probes/s, PgBouncer "
-                         f"{bouncer_idle:.2f} cores, simulator {sim_idle:.2f} cores; busy fleet {seen.windows} "
-                         f"windows, {seen.changes:,} changes to {len(seen.lags)} branches, {seen.errors} errors")
+                         f"{bouncer_idle:.2f} cores, simulator {sim_idle:.2f} cores; busy fleet "
+                         f"{seen.probes / secs:.0f} probes/s, {seen.windows / secs:.0f} windows/s, "
+                         f"{seen.changes:,} changes to {len(seen.lags)} branches, {seen.errors} errors")
             b.say("  %s", notes[-1])
             if seen.errors or quiet.errors:
                 raise RuntimeError(f"the simulated fleet saw {seen.errors + quiet.errors} query errors")

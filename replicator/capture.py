@@ -68,7 +68,8 @@ def sql_script(cfg: HQConfig, detach: bool = False) -> str:
     parts.extend(s.as_string(None) + ";" for s in registry_statements(cfg, detach))
     parts.append("COMMIT;")
     parts.append("\n-- Row restriction of filtered catalogs (a branch login reads only its own rows, in the\n"
-                 "-- tables and in the log) and the slices of upload tables (a branch login writes only its\n"
+                 "-- tables and in the log), the routes of their log rows (a branch's poll skips other\n"
+                 "-- stores' changes) and the slices of upload tables (a branch login writes only its\n"
                  "-- own rows) are rendered from HQ's column types, so they are not part of this\n"
                  "-- script: run `replicator hq install` after applying it (README, Security).")
     return "\n".join(parts) + "\n"

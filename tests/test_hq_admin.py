@@ -63,13 +63,15 @@ def test_hq_sql_is_everything_hq_install_does(bare_pos, branch_a):
                           input=script, capture_output=True, text=True, timeout=60)
     assert psql.returncode == 0, psql.stderr
     assert "run `replicator hq install` after applying it" in script
-    # ... and gets what `hq install` gives, but for the row restriction of filtered catalogs,
-    # which needs HQ's column types: `hq install` after the script adds just that
+    # ... and gets what `hq install` gives, but for the row restriction of filtered catalogs
+    # and the routes of their log rows (capture then writes them), which need HQ's column
+    # types: `hq install` after the script adds just those
     r = bare_pos.hq_cli("install")
     assert r.returncode == 0, r.stderr
     r = replicator_cli("hq", "install", "-c", str(HQ_YAML), env={"REPLICATOR_HQ_DSN": branch_a.dsn})
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "".join(f"row restriction for branch logins rebuilt: public.{t}\n"
+    assert r.stdout == "".join(f"capture attached: public.{t}\n" for t in ("devices", "registers", "stock")) + \
+        "".join(f"row restriction for branch logins rebuilt: public.{t}\n"
                                for t in ("registers", "stock", "devices")) + "".join(
         f"upload target: public.{t} (branch logins write only their slice)\n" for t in ("sales", "sale_lines")
     ), r.stdout

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -461,6 +462,53 @@ def test_set_aside_commands_list_retry_and_discard_a_sale_at_hq_whole(up):
 def assert_slices_match_one(up, name: str) -> None:
     for table in ("public.sales", "public.sale_lines"):
         assert up.slice(table, name) == table_rows(up.dbs[name], table), f"{name}: {table} differs at HQ"
+
+
+def test_a_sale_an_hq_in_latin1_cannot_hold_waits_whole_and_the_others_go_up(tmp_path, hq_cluster, branch_a,
+                                                                              branch_b):
+    """HQ's database in LATIN1, the store's in UTF8: text is converted on the way up, and a
+    sale with a character LATIN1 has no equivalent for is set aside whole (22P05), named."""
+    name = f"hq_latin1_{uuid.uuid4().hex[:8]}"
+    hq_cluster.database("postgres").execute(psycopg.sql.SQL(
+        "CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0").format(
+        psycopg.sql.Identifier(name)))
+    try:
+        latin1 = hq_cluster.database(name)
+        up = Uploading(tmp_path, latin1, branch_a, branch_b)
+        for db in (latin1, branch_a):
+            db.execute("ALTER TABLE public.sales ADD COLUMN customer text")
+        up.init("store-a")
+        a = up.dbs["store-a"]
+        for folio, customer in ((1, "Zoë Muñoz"), (2, "東京 Ltd"), (3, "plain")):
+            with a.connect() as conn, conn.transaction():
+                conn.execute("INSERT INTO public.sales (register_id, folio, store_id, total, customer) "
+                             "VALUES (11, %s, 1, 1, %s)", (folio, customer))
+                conn.execute("INSERT INTO public.sale_lines VALUES (11, %s, 1, 1, 1, 1)", (folio,))
+        up.run_once("store-a")
+        assert latin1.execute("SELECT folio, customer FROM public.sales ORDER BY 1") == [(1, "Zoë Muñoz"),
+                                                                                         (3, "plain")]
+        assert latin1.execute("SELECT folio FROM public.sale_lines ORDER BY 1") == [(1,), (3,)]
+        aside_rows = latin1.execute("SELECT key, sqlstate, message FROM replication.set_aside ORDER BY key")
+        assert [(k, st) for k, st, _m in aside_rows] == [('["11", "2"]', "22P05"), ('["11", "2", "1"]', "22P05")]
+        assert 'has no equivalent in encoding "LATIN1"' in aside_rows[0][2]
+    finally:
+        hq_cluster.drop_database(name)
+
+
+def test_a_sale_after_a_truncate_in_the_same_chunk_still_waits_whole(up):
+    """A branch's TRUNCATE goes table-wide (inside its slice); the sales committed after it
+    in the same chunk still go up, or wait, whole: the refused sale's header does not land."""
+    up.init("store-a")
+    up.hq.execute("ALTER TABLE public.sale_lines ADD CONSTRAINT hq_sane_qty CHECK (qty < 100)")
+    a = up.dbs["store-a"]
+    _ring(a, 11, 1, 1, [1])
+    a.execute("TRUNCATE public.sale_lines, public.sales")
+    _ring(a, 12, 1, 1, [1, 500])           # its second line is refused at HQ
+    _ring(a, 12, 2, 1, [2])
+    up.run_once("store-a")
+    assert up.hq.execute("SELECT register_id, folio FROM public.sales ORDER BY 1, 2") == [(12, 2)]
+    assert up.hq.execute("SELECT register_id, folio, line_no FROM public.sale_lines ORDER BY 1, 2, 3") == [(12, 2, 1)]
+    assert set(_aside(up, "store-a")) == {'["12", "1"]', '["12", "1", "1"]', '["12", "1", "2"]'}
 
 
 def test_truncate_and_reinit_at_one_branch_leave_the_other_untouched(up):
