@@ -82,4 +82,6 @@ def apply(conn: psycopg.Connection, cfg: HQConfig, columns) -> list[str]:
         changed.append(table_display(schema, name))
         log.info("route of %s: %s", table_display(schema, name),
                  f"{quote_ident(route.column)} = :{route.param}" if route else "none")
+    if changed:
+        conn.execute("SELECT replication.build_access()")    # attach_table grants the group; take that back
     return changed

@@ -172,6 +172,9 @@ def test_a_route_change_loses_no_change_of_a_writer_that_ran_the_old_capture(hq,
         assert done.is_set()
         assert hq.execute("SELECT route_column, route_capture FROM replication.tables WHERE id = %s",
                           (tid,)) == [("backup_store", "backup_store")]
+        with psycopg.connect(hq.cluster.dsn(hq.name, role_name(name), "pw")) as login:   # still closed to it
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                login.execute("SELECT * FROM public.shelves")
         assert hq.scalar("SELECT count(*) FROM replication.change_log WHERE table_id = %s AND route IS NOT NULL",
                          (tid,)) == 0
         hq.execute("UPDATE shelves SET qty = 7 WHERE id = 5")     # store 2's, backed up by 1: routed anew
