@@ -53,7 +53,7 @@ class LogReader:
         # Uploads apply a source transaction all or nothing (apply.py): a chunk then never
         # ends inside one, which each row's transaction's last id in the window tells.
         self.whole_transactions = whole_transactions
-        # Whether the login is a branch's, whose queries go by its routes (_ROUTE_ARMS); asked
+        # Whether the login is a branch's, whose queries go by its routes (_BRANCH_ARMS); asked
         # of HQ at the first query (a login does not change kind).
         self.routed: bool | None = None
         self._queries: dict[tuple[bool, bool], sql.Composed] = {}
@@ -128,16 +128,21 @@ class LogReader:
         # of images becomes one row per image, all with the log row's id.
         return sql.SQL("""
 SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l.xid::text, w.xid_last
-  FROM (SELECT u.at, u.id, {xid_last} AS xid_last
-          FROM ({arms}) u
-         ORDER BY u.id) w
+  FROM (SELECT l.ctid AS at, l.id, {xid_last} AS xid_last
+          FROM replication.change_log l
+         WHERE {rows}
+           AND l.id > %(after)s
+           AND l.table_id = ANY (%(tables)s::int[])
+           {where}
+         ORDER BY l.id) w
  CROSS JOIN LATERAL ({fetch} WHERE l.ctid = w.at OFFSET 0) l
  {chunk_where}
- ORDER BY w.id""").format(op=op, keys=sql.SQL(" ").join(key_cases), row=row, rec=rec, arms=_window_arms(where, routed),
+ ORDER BY w.id""").format(op=op, keys=sql.SQL(" ").join(key_cases), row=row, rec=rec, where=where,
+                          rows=_window_rows(routed),
                           fetch=IMAGES if arrays else sql.SQL("SELECT * FROM replication.change_log l"),
                           chunk_where=chunk_where,
-                          xid_last=sql.SQL("pg_catalog.max(u.id) OVER (PARTITION BY u.xid)")
-                          if self.whole_transactions else sql.SQL("u.id"))
+                          xid_last=sql.SQL("pg_catalog.max(l.id) OVER (PARTITION BY l.xid)")
+                          if self.whole_transactions else sql.SQL("l.id"))
 
     def _predicate(self, t: Table, row_expr: sql.Composable) -> sql.Composable | None:
         if not t.filter:
@@ -233,17 +238,16 @@ WINDOW_SETTINGS = {"jit": "off", "work_mem": "64MB", "max_parallel_workers_per_g
 
 
 
-def _window_arms(where: sql.Composable, routed: bool) -> sql.Composable:
-    """The window's log rows: those of the range (by route for a branch login, see
-    _BRANCH_ARMS) and the late committers' (their xids are below the range: no row is in
-    two arms)."""
-    arms = [arm.format(routes="(SELECT replication.branch_routes())::text[]") for arm in _BRANCH_ARMS] \
-        if routed else ["true"]
-    arms = [sql.SQL(arm + " AND " + _RANGE.format(cur="%(cur)s::pg_snapshot")) for arm in arms]
-    arms.append(sql.SQL("l.xid = ANY (%(late)s::xid8[])"))
-    return sql.SQL("\n UNION ALL ").join(
-        sql.SQL("SELECT l.ctid AS at, l.id, l.xid FROM replication.change_log l WHERE {} AND l.id > %(after)s "
-                "AND l.table_id = ANY (%(tables)s::int[]) {}").format(arm, where) for arm in arms)
+def _window_rows(routed: bool) -> sql.Composable:
+    """Which log rows are the window's: those of the range (by route for a branch login, see
+    _BRANCH_ARMS) and the late committers'.  One scan's condition, not a union of scans: a
+    catch-up's window then streams in id order off the primary key, with no sort of the
+    whole window before its first row; a branch's window at the log's end is a BitmapOr of
+    index ranges."""
+    rng = _RANGE.format(cur="%(cur)s::pg_snapshot")
+    arms = [f"({arm.format(routes='(SELECT replication.branch_routes())::text[]')} AND {rng})"
+            for arm in _BRANCH_ARMS] if routed else [f"({rng})"]
+    return sql.SQL("({})").format(sql.SQL(" OR ".join(arms + ["l.xid = ANY (%(late)s::xid8[])"])))
 
 
 def window_settings_sql(local: bool = True) -> sql.Composed:
