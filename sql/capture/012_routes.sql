@@ -47,13 +47,17 @@ BEGIN
               WHERE active AND route_column IS NOT NULL ORDER BY id LOOP
         v := b.params ->> t.route_param;
         CONTINUE WHEN v IS NULL;
-        BEGIN
-            v := CASE t.route_type WHEN 'int2' THEN v::int2::text WHEN 'int4' THEN v::int4::text
-                                   WHEN 'int8' THEN v::int8::text WHEN 'uuid' THEN v::uuid::text
-                                   WHEN 'text' THEN v END;
-        EXCEPTION WHEN data_exception THEN
-            v := NULL;
-        END;
+        -- text as it is, a small whole number written as its type prints it (a store id):
+        -- no cast, no subtransaction, on every probe of every branch
+        IF t.route_type <> 'text' AND NOT (t.route_type IN ('int2', 'int4', 'int8')
+                                          AND v ~ '^(0|[1-9][0-9]{0,3})$') THEN
+            BEGIN
+                v := CASE t.route_type WHEN 'int2' THEN v::int2::text WHEN 'int4' THEN v::int4::text
+                                       WHEN 'int8' THEN v::int8::text WHEN 'uuid' THEN v::uuid::text END;
+            EXCEPTION WHEN data_exception THEN
+                v := NULL;
+            END;
+        END IF;
         IF v IS NOT NULL THEN
             routes := routes || (t.id || ':' || v);
         END IF;
