@@ -562,9 +562,10 @@ ROUTE_TYPES = {"smallint": "int2", "integer": "int4", "bigint": "int8", "text": 
                "character varying": "text", "uuid": "uuid"}
 
 
-def route_of(flt: RowFilter) -> tuple[str, str] | None:
-    """The (column, parameter) of a ``column = :parameter`` that the whole filter requires
-    (one of its top-level ANDs), on a column of a ROUTE_TYPES type; None if there is none.
+def route_of(flt: RowFilter) -> tuple[str, str, str] | None:
+    """The (column, parameter, ROUTE_TYPES type) of a ``column = :parameter`` that the whole
+    filter requires (one of its top-level ANDs), on a column of a ROUTE_TYPES type; None if
+    there is none.
 
     A row can pass such a filter only for a branch whose parameter, cast to the column's
     type, has the text the row's column has: capture writes that text into the log row
@@ -591,8 +592,9 @@ def route_of(flt: RowFilter) -> tuple[str, str] | None:
             continue
         column = _identifier_name(sides[kinds.index(exp.Column)].this)
         param = sides[kinds.index(exp.Placeholder)].this
-        if _without_typmod(flt.column_types.get(column, "")) in ROUTE_TYPES:
-            return column, param
+        kind = ROUTE_TYPES.get(_without_typmod(flt.column_types.get(column, "")))
+        if kind:
+            return column, param, kind
     return None
 
 

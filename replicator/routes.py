@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 
 from .config import HQConfig, quote_ident, table_display
-from .filters import ROUTE_TYPES, _without_typmod, parse_filter, route_of
+from .filters import parse_filter, route_of
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def wanted(cfg: HQConfig, columns) -> dict[tuple[str, str], Route | None]:
                 cols = {c: ty for c, ty in columns(t).items() if c not in t.exclude_columns}
                 found = route_of(parse_filter(t.name, t.filter, cols))
                 if found:
-                    route = Route(found[0], found[1], ROUTE_TYPES[_without_typmod(cols[found[0]])])
+                    route = Route(*found)
             out[(t.schema, t.relname)] = route
     return out
 
