@@ -10,7 +10,9 @@ table is deleted and the final images inserted again.
 
 A chunk a table refuses (a row breaks a branch-only constraint or does not fit) is
 applied again key by key, each in a savepoint: what the branch refuses is set aside
-(aside.py) and the rest is written; keys already waiting go that way too, in order.
+(aside.py) and the rest is written; keys already waiting go that way too, in order.  A change set
+aside as a binary record is kept as the JSON image it holds (names, not positions),
+so the DBA's fix may change the table's columns and the retry still reads it.
 
 Images reach the statements in one of two forms: binary records built on HQ
 (tables whose columns are all of built-in types and match the branch's row
@@ -106,8 +108,9 @@ class Applier:
         # refuses rows outside it, and those are set aside like any refused row.
         self.slice_of = slice_of
         self.tables = {t.id: t for t in tables}
-        self.sql = {t.id: _statements(t) for t in tables}
+        self.sql = {t.id: _statements(t, bool(t.record_type)) for t in tables}
         self.payload = {t.id: _record_array(t.record_type) if t.record_type else _json_array for t in tables}
+        self._json_sql: dict[int, dict[str, sql.Composed]] = {}   # record tables' statements for JSON images
         conn.adapters.register_dumper(Records, _RecordsDumper)
         self.waiting: dict[int, set[str]] = {}     # table id -> keys set aside (load_waiting)
 
@@ -212,14 +215,15 @@ class Applier:
         unusable = 0
         for schema, table, key, op, text, record, _u in aside.unit_rows(self.conn, self.stream, joined):
             tid = by_name.get((schema, table))
-            if tid is not None and (record is not None) == bool(self.tables[tid].record_type):
-                merged.setdefault(tid, {})[key] = (op, text if text is not None else record)
+            row = self._readable(tid, text, record) if tid is not None else None
+            if row is not None:
+                merged.setdefault(tid, {})[key] = (op, row)
             else:
                 unusable += 1
         if unusable:
             # a row of a waiting unit this session cannot apply (its table left the upload, or
-            # it is stored in an older row form): the unit cannot go up whole, so it stays,
-            # and this transaction waits with it (verify --repair, then discard)
+            # it is a binary record the table cannot read any more): the unit cannot go up
+            # whole, so it stays, and this transaction waits with it (verify --repair, then discard)
             return self._wait_with(unit, joined, changes, stats, retry)
         for tid, ks in changes.items():
             for key, change in ks.items():
@@ -261,15 +265,13 @@ class Applier:
             with self.conn.transaction():
                 for tid, ks in merged.items():
                     for op, row in ks.values():
-                        self.conn.execute(self.sql[tid]["delete" if op == "D" else "upsert"],
-                                          (self.payload[tid]([row]),))
+                        self._write_one(tid, op, row)
         except psycopg.errors.UniqueViolation:
             for tid, ks in merged.items():
-                rows = [row for _op, row in ks.values()]
-                self.conn.execute(self.sql[tid]["delete"], (self.payload[tid](rows),))
-                kept = [row for op, row in ks.values() if op != "D"]
-                if kept:
-                    self.conn.execute(self.sql[tid]["insert"], (self.payload[tid](kept),))
+                for rows in _by_form(ks.values()):
+                    self._execute(tid, "delete", rows)
+                for rows in _by_form(change for change in ks.values() if change[0] != "D"):
+                    self._execute(tid, "insert", rows)
 
     def _wait_with(self, unit: str, joined: list[str], changes: dict[int, dict], stats: ApplyStats,
                    retry: bool) -> bool:
@@ -283,7 +285,7 @@ class Applier:
         for tid, ks in changes.items():
             t = self.tables[tid]
             for key, (op, row) in ks.items():
-                aside.put_reason(self.conn, self.stream, t.schema, t.name, key, op, row, first[0], first[1],
+                aside.put_reason(self.conn, self.stream, t.schema, t.name, key, op, self._portable(tid, row), first[0], first[1],
                                  "waits with a set-aside source transaction it touches, which holds a row this "
                                  f"replicator cannot apply ({first[2]}); `verify --repair`, then discard it", unit)
                 self.waiting.setdefault(tid, set()).add(key)
@@ -310,7 +312,7 @@ class Applier:
             for key, (op, row) in ks.items():
                 mine = (tid, key) == (ctid, ckey)
                 message = reason if mine else f"set aside with its source transaction: HQ refused {what}: {reason}"
-                aside.put_reason(self.conn, self.stream, t.schema, t.name, key, op, row, cerr.sqlstate,
+                aside.put_reason(self.conn, self.stream, t.schema, t.name, key, op, self._portable(tid, row), cerr.sqlstate,
                                  cerr.diag.constraint_name, message, unit)
                 self.waiting.setdefault(tid, set()).add(key)
         log.warning("a source transaction of %d changes set aside whole: HQ refused %s: %s",
@@ -325,8 +327,7 @@ class Applier:
                     for key, (op, row) in ks.items():
                         try:
                             with self.conn.transaction():
-                                self.conn.execute(self.sql[tid]["delete" if op == "D" else "upsert"],
-                                                  (self.payload[tid]([row]),))
+                                self._write_one(tid, op, row)
                         except psycopg.Error as e:
                             if not aside.about_one_row(e, True):
                                 raise
@@ -364,17 +365,17 @@ class Applier:
     def _key_by_key(self, tid: int, p: _Pending, stats: ApplyStats) -> None:
         """Each key's last change in its own savepoint, in log order: refused ones are set
         aside (replacing what the key had waiting), accepted ones clear the key."""
-        t, stmts, payload = self.tables[tid], self.sql[tid], self.payload[tid]
+        t = self.tables[tid]
         waiting = self.waiting.setdefault(tid, set())
         for key, (op, row) in p.last.items():
             try:
                 with self.conn.transaction():
-                    self.conn.execute(stmts["delete" if op == "D" else "upsert"], (payload([row]),))
+                    self._write_one(tid, op, row)
             except psycopg.Error as e:
                 if not aside.about_one_row(e, self.slice_of is not None):
                     raise
                 why = self._slice_reason(t, e)
-                aside.put(self.conn, self.stream, t.schema, t.name, key, op, row, e, why)
+                aside.put(self.conn, self.stream, t.schema, t.name, key, op, self._portable(tid, row), e, why)
                 waiting.add(key)
                 stats.set_aside += 1
                 log.warning("%s key %s set aside: %s", t.qualified, key, why or e.diag.message_primary)
@@ -402,7 +403,7 @@ class Applier:
 
     def retry_waiting(self) -> ApplyStats:
         """Apply what waits again (the caller holds the position lock): the DBA may have fixed
-        the cause.  A row stored as a binary record of an older row type stays.  Units (a
+        the cause.  A binary record the table's row type cannot read any more stays.  Units (a
         source transaction kept whole) are tried whole, oldest first."""
         stats = ApplyStats()
         if self.slice_of is not None:
@@ -412,13 +413,52 @@ class Applier:
             t = self.tables[tid]
             p = _Pending()
             for key, op, text, record in aside.stored(self.conn, self.stream, t.schema, t.name):
-                if (record is not None) != bool(t.record_type):
-                    continue        # the table's form changed since; verify --repair, then discard
-                p.last[key] = (op, text if text is not None else record)
+                row = self._readable(tid, text, record)
+                if row is not None:         # else a record the table cannot read: verify --repair, discard
+                    p.last[key] = (op, row)
             if p.last:
                 stats.tables.add(t.qualified)
                 self._key_by_key(tid, p, stats)
         return stats
+
+    # ------------------------------------------------------------ one change, in its form
+    def _write_one(self, tid: int, op: str, row) -> None:
+        self._execute(tid, "delete" if op == "D" else "upsert", [row])
+
+    def _execute(self, tid: int, statement: str, rows: list) -> None:
+        """A statement over rows of one form: a JSON image (str) of a table whose changes travel
+        as records is one that waited, and takes the table's JSON statements."""
+        if isinstance(rows[0], str) and self.tables[tid].record_type:
+            stmts = self._json_sql.get(tid) or self._json_sql.setdefault(tid, _statements(self.tables[tid], False))
+            self.conn.execute(stmts[statement], (_json_array(rows),))
+        else:
+            self.conn.execute(self.sql[tid][statement], (self.payload[tid](rows),))
+
+    def _portable(self, tid: int, row):
+        """What to keep of a change set aside: a binary record as the JSON image it holds, when
+        the table reads it now (a record names no columns: once the DBA's fix adds or drops
+        one, its positions no longer fit; a JSON image's names still do); else as it came."""
+        if isinstance(row, str):
+            return row
+        return self._as_json(tid, row) or row
+
+    def _readable(self, tid: int, text: str | None, record: bytes | None):
+        """A waiting change in a form this session can apply, or None: a JSON image always; a
+        binary record (kept by an older replicator, or unreadable when set aside) only
+        through the JSON image the table's row type reads from it now."""
+        return text if text is not None else self._as_json(tid, record)
+
+    def _as_json(self, tid: int, record: bytes) -> str | None:
+        t = self.tables[tid]
+        if not t.record_type:
+            return None
+        try:
+            with self.conn.transaction():
+                return self.conn.execute(_to_json(t), (self.payload[tid]([record]),)).fetchone()[0]
+        except psycopg.Error as e:
+            if not e.sqlstate or (e.sqlstate[:2] != "22" and e.sqlstate != "42804"):
+                raise
+            return None            # a value this database cannot hold (22), another row type's record (42804)
 
     def _set_based(self, tid: int, p: _Pending) -> None:
         stmts = self.sql[tid]
@@ -476,6 +516,26 @@ def _json_array(rows: list[str]) -> str:
     return "[" + ",".join(rows) + "]"
 
 
+def _by_form(changes) -> list[list]:
+    """The rows of (op, row) changes, JSON images and binary records apart."""
+    forms: dict[bool, list] = {}
+    for _op, row in changes:
+        forms.setdefault(isinstance(row, str), []).append(row)
+    return list(forms.values())
+
+
+def _to_json(t: Table) -> sql.Composed:
+    """A binary record of `t` as the JSON image capture would have sent (json and jsonb
+    values as their text, see _json_images)."""
+    image = sql.SQL("pg_catalog.to_jsonb(d)")
+    texts = [c for c in t.columns if t.hq_columns.get(c) in ("json", "jsonb")]
+    if texts:
+        image = sql.SQL("({} OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object({}))").format(
+            image, sql.SQL(", ").join(sql.SQL("{}, d.{}::pg_catalog.text").format(sql.Literal(c), sql.Identifier(c))
+                                      for c in texts))
+    return sql.SQL("SELECT {}::pg_catalog.text FROM pg_catalog.unnest(%b::{}[]) AS d").format(image, t.ident)
+
+
 class Records(bytes):
     """A one-dimensional array of binary records in PostgreSQL's binary array format."""
 
@@ -501,8 +561,8 @@ def _record_array(rowtype: int):
     return build
 
 
-def _images(t: Table) -> sql.Composed:
-    if t.record_type:
+def _images(t: Table, records: bool) -> sql.Composed:
+    if records:
         return sql.SQL("pg_catalog.unnest(%b::{}[]) AS d").format(t.ident)
     return _json_images(t)
 
@@ -538,7 +598,7 @@ def slice_condition(t: Table) -> sql.Composable:
     return sql.SQL("({}) IS TRUE").format(render_for_any_branch(flt, sql.Identifier))
 
 
-def _statements(t: Table) -> dict[str, sql.Composed]:
+def _statements(t: Table, records: bool) -> dict[str, sql.Composed]:
     cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
     keys = sql.SQL(", ").join(map(sql.Identifier, t.key_columns))
     non_key = [c for c in t.columns if c not in t.key_columns]
@@ -548,7 +608,7 @@ def _statements(t: Table) -> dict[str, sql.Composed]:
     else:
         conflict = sql.SQL("DO NOTHING")
     overriding = sql.SQL("OVERRIDING SYSTEM VALUE ") if t.identity_always else sql.SQL("")
-    images = _images(t)
+    images = _images(t, records)
     insert = sql.SQL("INSERT INTO {t} ({cols}) {ov}SELECT {cols} FROM {images}").format(
         t=t.ident, cols=cols, ov=overriding, images=images)
     upsert = insert + sql.SQL(" ON CONFLICT ({keys}) {conflict}").format(keys=keys, conflict=conflict)

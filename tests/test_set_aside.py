@@ -148,3 +148,59 @@ def test_verify_repair_copies_a_waiting_key_and_it_waits_no_more(world, hq, bran
     assert branch_a.scalar("SELECT price FROM items WHERE id = 2") == 5000
     r = b.cli("status")
     assert r.returncode == 0 and "catalogs are up to date" in r.stdout, r.stdout
+
+
+def test_a_row_set_aside_as_a_record_applies_after_a_fix_that_changes_the_columns(world, hq, branch_a):
+    """Changes of a table whose columns match HQ's travel as binary records, which name no
+    columns.  The DBA's fix here drops the CHECK and adds a local column, so the table's
+    changes travel as JSON from then on: the waiting row must still apply (it waited forever
+    when it was kept as the record it came as)."""
+    b = world
+    hq.execute("INSERT INTO items VALUES (2, 'expensive', 5000, 'B'), (3, 'fine', 3, 'C')")
+    assert b.cli("run", "--once").returncode == 0
+    assert set(waiting(branch_a)) == {"2"}
+    assert branch_a.scalar("SELECT count(*) FROM replication.set_aside WHERE image IS NOT NULL") == 1
+    branch_a.execute("ALTER TABLE items DROP CONSTRAINT cheap, ADD COLUMN shelf text DEFAULT 'front'")
+    hq.execute("UPDATE items SET name = 'fine!' WHERE id = 3")       # and the stream goes on as JSON
+    r = b.cli("run", "--once")
+    assert r.returncode == 0 and "applied 1 set-aside change" in r.stderr, r.stderr
+    assert waiting(branch_a) == {}
+    assert [tuple(r) for r in branch_a.execute("SELECT id, name, price, shelf FROM items ORDER BY id")] == \
+        [(1, "first", 1, "front"), (2, "expensive", 5000, "front"), (3, "fine!", 3, "front")]
+    assert b.cli("verify").returncode == 0
+
+
+def test_a_row_kept_as_a_record_by_an_older_replicator_applies_when_the_table_reads_it(world, hq, branch_a):
+    """Set-aside rows an older replicator kept as binary records are read through the
+    table's row type while it still fits."""
+    b = world
+    hq.execute("INSERT INTO items VALUES (2, 'expensive', 5000, 'B'), (4, 'pricey', 4000, 'D')")
+    assert b.cli("run", "--once").returncode == 0
+    assert set(waiting(branch_a)) == {"2", "4"}
+    # what an older replicator stored: the record itself, no image
+    branch_a.execute("""UPDATE replication.set_aside a SET image = NULL,
+                               record = pg_catalog.record_send(i) FROM (VALUES (2, 'expensive', 5000, 'B'),
+                               (4, 'pricey', 4000, 'D')) AS v(id, name, price, code),
+                               LATERAL (SELECT (v.id, v.name, v.price, v.code)::items AS i) r
+                         WHERE a.key = v.id::text""")
+    assert branch_a.scalar("SELECT count(*) FROM replication.set_aside WHERE image IS NULL") == 2
+    branch_a.execute("ALTER TABLE items DROP CONSTRAINT cheap")
+    r = b.cli("run", "--once")
+    assert r.returncode == 0 and "applied 2 set-aside changes" in r.stderr, r.stderr
+    assert waiting(branch_a) == {} and ids(branch_a) == [1, 2, 4]
+
+
+def test_a_record_the_table_can_no_longer_read_waits_named_until_repaired(world, hq, branch_a):
+    b = world
+    hq.execute("INSERT INTO items VALUES (2, 'expensive', 5000, 'B')")
+    assert b.cli("run", "--once").returncode == 0
+    branch_a.execute("UPDATE replication.set_aside SET image = NULL, record = pg_catalog.record_send("
+                     "(2, 'expensive', 5000, 'B')::items)")
+    branch_a.execute("ALTER TABLE items DROP CONSTRAINT cheap, ADD COLUMN shelf text")   # four fields no more
+    r = b.cli("run", "--once")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert set(waiting(branch_a)) == {"2"} and ids(branch_a) == [1]
+    r = b.cli("status")
+    assert r.returncode == 1 and "public.items key 2: cheap:" in r.stdout, r.stdout
+    assert b.cli("verify", "--repair").returncode == 0
+    assert waiting(branch_a) == {} and ids(branch_a) == [1, 2]
