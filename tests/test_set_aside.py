@@ -204,3 +204,54 @@ def test_a_record_the_table_can_no_longer_read_waits_named_until_repaired(world,
     assert r.returncode == 1 and "public.items key 2: cheap:" in r.stdout, r.stdout
     assert b.cli("verify", "--repair").returncode == 0
     assert waiting(branch_a) == {} and ids(branch_a) == [1, 2]
+
+
+BRANCH_ONLY_RULES = {
+    # kind: (the branch's own rule, written as its DBA would, and the SQLSTATE it refuses with)
+    # a foreign key the branch enforces with an ENABLE ALWAYS trigger (replica mode keeps
+    # plain foreign keys quiet): the item's code must be one this store's shelves know
+    "enable always fk": ("""
+        CREATE TABLE shelf_codes (code text PRIMARY KEY);
+        INSERT INTO shelf_codes VALUES ('A'), ('B'), ('E');
+        CREATE FUNCTION known_code() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NOT EXISTS (SELECT FROM shelf_codes WHERE code = NEW.code) THEN
+                RAISE EXCEPTION 'code % is not on this store''s shelves', NEW.code
+                    USING ERRCODE = 'foreign_key_violation';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER known_code BEFORE INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION known_code();
+        ALTER TABLE items ENABLE ALWAYS TRIGGER known_code;""", "23503"),
+    # a value too long for a branch column: the store's label printer queue holds 3-letter codes
+    "value too long": ("""
+        CREATE TABLE labels (item_id int, code varchar(3));
+        CREATE FUNCTION queue_label() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO labels VALUES (NEW.id, NEW.code);
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER queue_label AFTER INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION queue_label();
+        ALTER TABLE items ENABLE ALWAYS TRIGGER queue_label;""", "22001"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BRANCH_ONLY_RULES))
+def test_each_further_refusal_kind_on_a_branch_sets_the_row_aside(world, hq, branch_a, kind):
+    """A foreign key an ENABLE ALWAYS trigger enforces, a value too long for a branch column:
+    the refused row waits with its SQLSTATE, the rest of its chunk applies, the fix clears it."""
+    b = world
+    rule, sqlstate = BRANCH_ONLY_RULES[kind]
+    branch_a.execute(rule)
+    hq.execute("INSERT INTO items VALUES (2, 'two', 2, 'B'), (3, 'three', 3, 'ZZZZ'), (5, 'five', 5, 'E')")
+    r = b.cli("run", "--once")
+    assert r.returncode == 0 and "1 set aside" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert ids(branch_a) == [1, 2, 5]
+    assert {k: v[2] for k, v in waiting(branch_a).items()} == {"3": sqlstate}
+    r = b.cli("status")
+    assert r.returncode == 1 and "public.items key 3:" in r.stdout, r.stdout
+    branch_a.execute("INSERT INTO shelf_codes VALUES ('ZZZZ')" if kind == "enable always fk"
+                     else "ALTER TABLE labels ALTER COLUMN code TYPE text")
+    r = b.cli("set-aside", "retry")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ids(branch_a) == [1, 2, 3, 5] and waiting(branch_a) == {}

@@ -348,12 +348,24 @@ HQ_ONLY_RULES = {
         CREATE TRIGGER known_item BEFORE INSERT OR UPDATE ON public.sale_lines
             FOR EACH ROW EXECUTE FUNCTION public.known_item();
         ALTER TABLE public.sale_lines ENABLE ALWAYS TRIGGER known_item;""", None, "23503"),
+    # a value too long for an HQ column: HQ's picking list holds one-digit bin numbers
+    "value too long": ("""
+        CREATE TABLE public.picking (item_bin varchar(1));
+        CREATE FUNCTION public.pick() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp AS $$
+        BEGIN
+            INSERT INTO public.picking VALUES (NEW.item_id::text);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER pick AFTER INSERT ON public.sale_lines FOR EACH ROW EXECUTE FUNCTION public.pick();
+        ALTER TABLE public.sale_lines ENABLE ALWAYS TRIGGER pick;""", None, "22001"),
 }
 
 
 @pytest.mark.parametrize("kind", list(HQ_ONLY_RULES))
 def test_each_refusal_kind_at_hq_sets_the_sale_aside_whole(up, kind):
-    """A UNIQUE, a NOT NULL or a foreign key an ENABLE ALWAYS trigger enforces, only at HQ:
+    """A UNIQUE, a NOT NULL, a foreign key an ENABLE ALWAYS trigger enforces or a value too
+    long for an HQ column, only at HQ:
     the sale breaking it waits whole with the SQLSTATE, the sales around it land."""
     hq_rule, branch_rule, sqlstate = HQ_ONLY_RULES[kind]
     up.init("store-a")
@@ -367,7 +379,7 @@ def test_each_refusal_kind_at_hq_sets_the_sale_aside_whole(up, kind):
         conn.execute("INSERT INTO public.sales VALUES (11, 2, 1, 2)")
         conn.execute("INSERT INTO public.sale_lines VALUES (11, 2, 1, 1, 1, 1)")
         line = {"unique": (11, 2, 2, 1, 1, 1), "not null": (11, 2, 2, 1, 2, None),
-                "enable always fk": (11, 2, 2, 1, 99, 1)}[kind]
+                "enable always fk": (11, 2, 2, 1, 99, 1), "value too long": (11, 2, 2, 1, 99, 1)}[kind]
         conn.execute("INSERT INTO public.sale_lines VALUES (%s, %s, %s, %s, %s, %s)", line)
     _ring(a, 12, 1, 1, [3])
     up.run_once("store-a")
