@@ -493,7 +493,7 @@ class BranchConfig:
     catalogs: list[str] | None          # None: HQ's default catalogs
     uploads: list[str] | None = None    # None: HQ's default uploads
     poll_interval: float = 0.25         # seconds between probes of HQ's log while changes flow
-    idle_poll_interval: float = 2.0     # ... and after IDLE_AFTER seconds with none for us (daemon.py)
+    idle_poll_interval: float = 2.0     # ... after IDLE_AFTER seconds with none for us; twice that after a minute (session.py)
     batch_rows: int = 20000             # changes per apply transaction (bigger: more coalescing)
     lines: dict = field(default_factory=dict, repr=False)   # key -> line in the file
 

@@ -90,10 +90,11 @@ def connect(dsn: str, side: str, *, autocommit: bool = False, application: str =
         conn = psycopg.connect(dsn, autocommit=autocommit, application_name=application,
                                connect_timeout=timeout, **extra)
     except psycopg.OperationalError as e:
-        reason = f"{describe(dsn)}: {explain(e)}"
+        kind, why = classify(e)
+        reason = f"{describe(dsn)}: {why}"
         if secret:
             reason = reason.replace(secret, "***")
-        raise ConnectionFailed(side, reason) from None
+        raise ConnectionFailed(side, reason, retry=kind == RETRY) from None
     # psycopg reads dates and intervals only in ISO / postgres output style; a server or database
     # set to DateStyle 'SQL, DMY' (usual in Latin America) would make every timestamp unreadable.
     # Only the output style changes: the day/month order for input stays the server's.
@@ -109,28 +110,57 @@ def connect(dsn: str, side: str, *, autocommit: bool = False, application: str =
 
 def explain(e: Exception) -> str:
     """Turn libpq's message into one line that says what to check."""
+    return classify(e)[1]
+
+
+# What a failed connection means for a running replicator: wait and reconnect (the server
+# or the network is away), or stop (a person must fix the DSN, the password, the role).
+RETRY, FIX = "retry", "fix"
+
+# SQLSTATEs of a server that is going away or not ready yet (class 08: connection
+# exception; 57P01-57P03: shutdown, crash, "cannot connect now": starting, recovering).
+_OUTAGE_STATES = {"57P01": "the server shut down or an administrator ended the session",
+                  "57P02": "the server crashed and is restarting",
+                  "57P03": "the server is starting up, shutting down or recovering"}
+
+
+def classify(e: Exception) -> tuple[str, str]:
+    """(RETRY or FIX, one line saying what to check) for a failed connection or statement.
+
+    By SQLSTATE where the server sent one (a statement on a live connection).  A failed
+    connection attempt has none: libpq reports it as text only (psycopg's error carries no
+    SQLSTATE for it), so there the message decides, once, here."""
+    state = getattr(e, "sqlstate", None)
+    if state in _OUTAGE_STATES:
+        return RETRY, _OUTAGE_STATES[state]
+    if state and state.startswith("08"):
+        return RETRY, "the connection was lost"
     msg = _first_line(e)
     low = str(e).lower()   # every line: libpq puts the reason before its hint line
-    if "password authentication failed" in low or "no password supplied" in low:
-        return "wrong or missing password; check PGPASSWORD, ~/.pgpass or the ${VAR} in the DSN"
-    if "does not exist" in low and "database" in low:
-        return f"{msg}; create it or fix dbname in the DSN"
-    if "role" in low and "does not exist" in low:
-        return f"{msg}; register the branch on HQ (replicator hq add-branch) or fix the user"
-    if "connection refused" in low:
-        return "nothing is listening there (connection refused); is PostgreSQL running and the host/port right?"
-    if "timeout" in low or "timed out" in low:
-        return "the server did not answer in time; check the host, firewall and network"
-    if "could not translate host name" in low or "name or service not known" in low:
-        return "unknown host name; check the host in the DSN"
-    if "server does not support ssl" in low:
-        return ("the server does not accept TLS connections, but the DSN requires TLS (sslmode); "
-                "enable ssl on the server or change sslmode in the DSN")
-    if "ssl" in low or "certificate" in low:
-        return f"TLS problem: {msg}; check sslmode and certificates"
-    if "no pg_hba.conf entry" in low:
-        return f"{msg}; the server's pg_hba.conf does not allow this connection"
-    return _explain_outage(low) or msg
+    for needles, kind, text in _CONNECT_FAILURES:
+        if all(any(n in low for n in group) for group in needles):
+            return kind, text.format(msg=msg)
+    return (RETRY, _explain_outage(low)) if _explain_outage(low) else (RETRY, msg)
+
+
+# libpq's messages for a failed connection attempt, first match wins: (needles: every group
+# must have one of its words in the message, kind, text).
+_CONNECT_FAILURES = (
+    ((("password authentication failed", "no password supplied"),), FIX,
+     "wrong or missing password; check PGPASSWORD, ~/.pgpass or the ${{VAR}} in the DSN"),
+    ((("database",), ("does not exist",)), FIX, "{msg}; create it or fix dbname in the DSN"),
+    ((("role",), ("does not exist",)), FIX, "{msg}; register the branch on HQ (replicator hq add-branch) or fix the user"),
+    ((("connection refused",),), RETRY,
+     "nothing is listening there (connection refused); is PostgreSQL running and the host/port right?"),
+    ((("timeout", "timed out"),), RETRY, "the server did not answer in time; check the host, firewall and network"),
+    ((("could not translate host name", "name or service not known"),), RETRY,
+     "unknown host name; check the host in the DSN"),
+    ((("server does not support ssl",),), FIX, "the server does not accept TLS connections, but the DSN requires "
+     "TLS (sslmode); enable ssl on the server or change sslmode in the DSN"),
+    ((("ssl", "certificate"),), FIX, "TLS problem: {msg}; check sslmode and certificates"),
+    ((("no pg_hba.conf entry",),), FIX, "{msg}; the server's pg_hba.conf does not allow this connection"),
+    ((("permission denied",),), FIX, "{msg}; the login may not connect there: check its privileges (CONNECT)"),
+)
 
 
 _OUTAGES = (

@@ -229,7 +229,7 @@ def _quiet_library_logs():
     if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
         yield
         return
-    names = ("capture", "cluster", "db", "hq", "initialize", "sample", "uploads", "verify")
+    names = ("capture", "cluster", "db", "hq", "initialize", "sample", "uploads", "upload_init", "verify")
     loggers = [logging.getLogger(f"replicator.{n}") for n in names]
     old = [lg.level for lg in loggers]
     for lg in loggers:
@@ -358,10 +358,10 @@ def seed_sales_history(hq: Database, b: DemoBranch) -> None:
 def upload_history(branches: list[DemoBranch], echo) -> None:
     """`replicator init`'s second half: capture on the store's sales tables, and its history
     up into its slice at HQ."""
-    from . import uploads
+    from . import upload_init
     for b in branches:
         t0 = time.monotonic()
-        sent = uploads.initialize(b.cfg)
+        sent = upload_init.initialize(b.cfg)
         n = b.db.scalar("SELECT count(*) FROM public.sales")
         echo(f"{b.spec.name}: sales history uploaded to HQ ({', '.join(sent)}: {n:,} sales) in "
              f"{time.monotonic() - t0:.1f} s")

@@ -65,8 +65,10 @@ class UnknownCatalog(ConfigError):
 class ConnectionFailed(ReplicatorError):
     """A server could not be reached or refused us (host, port, password, TLS)."""
 
-    def __init__(self, side: str, reason: str):
-        self.side, self.reason = side, reason
+    def __init__(self, side: str, reason: str, retry: bool = False):
+        # retry: the server or the network is away (a running replicator waits and
+        # reconnects); False: a person must fix something (DSN, password, role, TLS)
+        self.side, self.reason, self.retry = side, reason, retry
         super().__init__(f"cannot connect to {side}: {reason}")
 
 

@@ -318,7 +318,7 @@ def _grown_chunks(cursor, size: int, end: int) -> Iterator[list[tuple]]:
         yield chunk
 
 
-# The probe and the late committers' query, by name: the fleet benchmark (bench_fleet.py)
+# The probe and the late committers' query, by name: the fleet benchmark (bench/fleet.py)
 # runs exactly these, as a thousand branches would.
 # The window's range: transactions that began after `prev` (its xmax) and are visible in
 # `cur`.  Late committers (in progress at `prev`) are LATE's, by their xids.

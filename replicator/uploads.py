@@ -27,13 +27,10 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import db, purge, state
-from .apply import Applier, slice_condition
+from . import db, state
 from .config import BranchConfig, HQConfig, UploadSpec, quote_ident, table_display
-from .daemon import Session
-from .errors import ConfigError, LockHeld, NotInitialized, ReplicatorError, UnknownCatalog
+from .errors import ConfigError, ReplicatorError, UnknownCatalog
 from .filters import parse_filter, render_for_any_branch
-from .reader import LogReader, covers
 from .schema import Table, bind_target, source_tables
 from .stream import Ends, Stream
 
@@ -283,159 +280,7 @@ def tables_for(branch: psycopg.Connection, hq: psycopg.Connection, ups: list[Upl
     return tables
 
 
-# ------------------------------------------------------------------- init
-
-def initialize(cfg: BranchConfig, force: bool = False) -> list[str]:
-    """Send the branch's existing sales history up into its slice at HQ: capture first (so
-    nothing sold from now on is missed), then one copy at one branch snapshot, all in one
-    HQ transaction with the stream's position.  Returns the uploads initialized."""
-    st = stream(cfg)
-    with Ends(st, f"replicator init {cfg.branch}") as ends:
-        branch, hq = ends.source, ends.target
-        ups = offered(hq)
-        names = select(cfg, ups)
-        if not names:
-            return []
-        chosen = [ups[n] for n in names]
-        db.require_version(hq, "target", "HQ")
-        install_capture(branch, chosen)
-        tables = tables_for(branch, hq, chosen)
-        states = state.table_states(hq, st.name)
-        done = sorted({t.catalog for t in tables if t.qualified in states})
-        todo = names if force else [n for n in names if n not in done]
-        if not todo:
-            if force is False and done:
-                log.info("uploads already initialized: %s", ", ".join(done))
-            return []
-        _copy(branch, hq, st, [t for t in tables if t.catalog in todo])
-        return todo
-
-
-def _copy(branch: psycopg.Connection, hq: psycopg.Connection, st: Stream, tables: list[Table]) -> None:
-    with hq.transaction():
-        hq.execute("SET LOCAL session_replication_role = replica")
-        pos = state.load_position(hq, st.name, lock=True)
-        applier = Applier(hq, st.name, tables, slice_of=st.member)
-        with branch.transaction():
-            branch.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            snap, copied_at = branch.execute("SELECT pg_current_snapshot()::text, now()").fetchone()
-            for t in reversed(tables):
-                # the slice only (row-level security, and stated for a login it does not bind);
-                # what the branch purged stays HQ's record
-                keep = purge.spared(branch, t.schema, t.name)
-                cond = slice_condition(t)
-                if keep is not None:
-                    cond = sql.SQL("{} AND NOT coalesce({}, false)").format(cond, keep)
-                hq.execute(sql.SQL("DELETE FROM {} WHERE {}").format(t.ident, cond))
-            for t in tables:
-                rows = _send(branch, applier, t)
-                state.mark_copied(hq, st.name, t.schema, t.name, t.catalog, snap, rows)
-                log.info("upload %s: %d rows of %s sent to HQ", t.catalog, rows, t.qualified)
-        if pos is None:
-            # HQ holds the branch's sales as of the copy (status: "uploaded up to")
-            state.save_position(hq, st.name, state.Position(snapshot=snap, applied_until=copied_at))
-        else:
-            state.bump_config(hq, st.name)
-
-
-def _send(branch: psycopg.Connection, applier: Applier, t: Table, chunk: int = 5000) -> int:
-    """A table's rows as the change stream carries them (key, image or binary record), applied
-    as inserts in chunks: refused rows are set aside like changes."""
-    from .reader import _key_expr, _record_expr
-    row = sql.SQL("NULL::text") if t.record_type else sql.SQL("l.row::text")
-    rec = _record_expr(t) if t.record_type else sql.SQL("NULL::bytea")
-    # no source transaction (the 8th column): a first copy's rows stand alone when refused
-    query = sql.SQL("SELECT 0::int8, {tid}, 'I'::text, {key}, {row}, now(), {rec}, NULL::text "
-                    "FROM (SELECT pg_catalog.to_jsonb(s.*) AS row FROM {t} s) l").format(
-        tid=sql.Literal(t.id), key=_key_expr(t), row=row, rec=rec, t=t.ident)
-    n = 0
-    with branch.cursor(name="replicator_upload_copy", binary=True) as cur:
-        cur.itersize = chunk
-        cur.execute(query)
-        while rows := cur.fetchmany(chunk):
-            applier.apply(rows)
-            n += len(rows)
-    return n
-
-
-# -------------------------------------------------------------------- run
-
-class UploadSession(Session):
-    """The upload stream in `run`: the catalog loop's machinery with the ends swapped.  The
-    run lock is on the branch (the source here): nothing session-bound on HQ."""
-
-    def __init__(self, cfg: BranchConfig, app: str = "replicator run", registry=None):
-        super().__init__(cfg, app, stream(cfg), registry)
-        self.ups: list[Upload] = []
-        self.last_prune = 0.0
-        self.last_report = 0.0
-
-    def open(self) -> None:
-        self.ends.__enter__()
-        self.source, self.primary, self.target = self.ends.source, self.ends.primary, self.ends.target
-        self.target.execute("SET jit = off")
-        self._lock()
-        db.require_version(self.target, "target", "HQ")
-        self.load()
-
-    def _lock(self) -> None:
-        from . import locks
-        if not locks.try_run(self.source, self.stream.name):
-            holder = locks.run_holder(self.source, self.stream.name)
-            raise LockHeld(f"another replicator is already uploading this branch's sales"
-                           f"{f' (backend pid {holder[0]}, {holder[1]!r})' if holder else ''}; stop it first "
-                           "(one `replicator run` per branch)")
-
-    def load(self) -> None:
-        pos = state.load_position(self.target, self.stream.name)
-        ups = offered(self.target)
-        names = select(self.cfg, ups)
-        if pos is None:
-            raise NotInitialized(f"uploads {', '.join(names)} of branch {self.cfg.branch} are not initialized; run "
-                                 f"`replicator init -c {self.cfg.path}` first")
-        self.ups = [ups[n] for n in names]
-        install_capture(self.source, self.ups)           # a newer release brings its capture up to date
-        tables = tables_for(self.source, self.target, self.ups)
-        states = state.table_states(self.target, self.stream.name)
-        skip = {}
-        for t in tables:
-            st = states.get(t.qualified)
-            if st is None:
-                log.warning("upload %s (%s) was never initialized: only sales from now on go up; run "
-                            "`replicator init` to send its history", t.catalog, t.qualified)
-            elif st.copy_snapshot and not covers(self.source, pos.snapshot, st.copy_snapshot):
-                skip[t.id] = st.copy_snapshot
-        self.tables = tables
-        self.shape = self._shape()
-        self.reader = LogReader(tables, {}, skip, self.cfg.batch_rows, whole_transactions=True)
-        self.applier = Applier(self.target, self.stream.name, tables, slice_of=self.cfg.branch)
-        self.applier.prepare_session()
-        self.applier.load_waiting()
-        self.config_version = pos.config_version
-        log.info("branch %s: uploading %d tables of %s", self.cfg.branch, len(tables), ", ".join(names))
-        self.retry_waiting()
-
-    def _report_window(self, cur: str, newest, applied: int, once: bool) -> None:
-        """HQ hears of every window that took sales up (hq status counts what is pending)."""
-        self._ack(cur, newest, force=applied > 0 or once)
-
-    def _ack(self, position: str, applied_until, force: bool = False) -> None:
-        """What HQ holds of the branch's log can go (the branch keeps no retention of its
-        own: HQ is the record), and HQ hears how much is still to come."""
-        import time
-        now = time.monotonic()
-        if now - self.last_prune >= PRUNE_INTERVAL:
-            self.last_prune = now
-            prune_branch_log(self.source, position)
-        if force or now - self.last_report >= REPORT_INTERVAL:
-            self.last_report = now
-            try:
-                self.target.execute("SELECT replication.report_uploads(%s, %s)",
-                                    (self.cfg.branch, pending(self.source, position, [t.id for t in self.tables])))
-            except psycopg.errors.InsufficientPrivilege as e:
-                self.metrics.error("position_report")
-                log.warning("HQ refused the upload report: %s", e.diag.message_primary)
-
+# ------------------------------------------------------------ the branch log
 
 def pending(branch: psycopg.Connection, position: str, tables: list[int]) -> int:
     """Log rows of the upload tables that HQ does not hold yet (the log is pruned behind HQ)."""

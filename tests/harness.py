@@ -17,7 +17,7 @@ import yaml
 from replicator import config
 from replicator.capture import install
 from replicator.cluster import Database
-from replicator.daemon import run
+from replicator.runner import run
 from replicator.hq import add_branch
 from replicator.initialize import initialize
 

@@ -19,7 +19,7 @@ from psycopg import sql
 
 from harness import Branch, assert_same, make_setup
 from replicator.cluster import Cluster, Database
-from replicator.daemon import IDLE_ADVANCE, IDLE_AFTER
+from replicator.session import IDLE_ADVANCE, IDLE_AFTER, QUIET_AFTER, probe_interval
 from replicator.hq import role_name
 from replicator.reader import covers
 
@@ -462,3 +462,13 @@ def test_a_long_catch_up_reads_hq_in_short_transactions(hq, branch_a, world):
     assert_same(hq, branch_a, "items")
     # 4,000 changes, 100 a chunk, CHUNKS_PER_TRANSACTION (10) chunks per HQ transaction: 4 or more
     assert len(seen) >= 3, f"the window was read in {len(seen)} HQ transaction(s)"
+
+
+def test_an_idle_branch_slows_down_in_two_steps():
+    """poll_interval while changes flow, idle_poll_interval after IDLE_AFTER seconds of
+    nothing, twice that after QUIET_AFTER (the fleet benchmark follows the same schedule)."""
+    assert probe_interval(0.0, 0.25, 2.0) == 0.25
+    assert probe_interval(IDLE_AFTER - 0.1, 0.25, 2.0) == 0.25
+    assert probe_interval(IDLE_AFTER, 0.25, 2.0) == 2.0
+    assert probe_interval(QUIET_AFTER - 0.1, 0.25, 2.0) == 2.0
+    assert probe_interval(QUIET_AFTER, 0.25, 2.0) == 4.0

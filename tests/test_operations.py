@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from replicator import state
-from replicator.daemon import Session
+from replicator.session import Session
 from replicator.reader import current_snapshot
 from replicator.stream import CATALOGS as STREAM
 from tests.harness import assert_same, make_setup
@@ -381,7 +381,7 @@ def test_unselected_catalog_never_reaches_the_branch(env):
 
 def test_everything_again_with_tiny_chunks(tmp_path, hq, branch_b, caplog):
     """batch_rows=3: windows are applied in many chunks that cut transactions and statements."""
-    caplog.set_level(logging.INFO, logger="replicator.daemon")
+    caplog.set_level(logging.INFO, logger="replicator.session")
     env = make_env(tmp_path, hq, branch_b, batch_rows=3)
     seed(env, 30)
     env.hq.execute("UPDATE item SET id = id + 1000 WHERE id > 25")

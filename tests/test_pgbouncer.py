@@ -14,7 +14,7 @@ from psycopg import sql
 
 from harness import Branch, make_setup, table_rows
 from replicator.hq import add_branch
-from replicator.pgbouncer import PgBouncer
+from replicator.bench.pgbouncer import PgBouncer
 from test_daemon import daemon, wait_until
 
 SCHEMA = """

@@ -1,7 +1,7 @@
 """Sales up under faults: the network to HQ breaks mid-upload, HQ restarts while a branch
 sells (issue 19).
 
-Both tests run the real loop, `replicator.daemon.run`, in a thread and never restart it:
+Both tests run the real loop, `replicator.runner.run`, in a thread and never restart it:
 it has to reconnect by itself, and HQ must end with every sale and line of the branch
 exactly once.
 """
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from replicator import uploads
-from replicator.daemon import run
+from replicator.runner import run
 
 from faultproxy import FaultProxy
 from test_uploads import BACKLOG, STORES, Uploading, assert_slices_match, sell
@@ -77,7 +77,7 @@ CUTS = 6
 
 def reconnects(caplog) -> int:
     return sum(r.getMessage().startswith("reconnected after") for r in caplog.records
-               if r.name == "replicator.daemon")
+               if r.name == "replicator.runner")
 
 
 def test_a_connection_cut_mid_upload_loses_and_doubles_nothing(up, hq_cluster, caplog):

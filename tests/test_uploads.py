@@ -18,8 +18,8 @@ import psycopg
 import pytest
 import yaml
 
-from replicator import config, uploads
-from replicator.daemon import run
+from replicator import config, upload_init, uploads
+from replicator.runner import run
 from replicator.errors import ConfigError
 from replicator.hq import add_branch, role_name
 from replicator.initialize import initialize
@@ -98,7 +98,7 @@ class Uploading:
 
     def init(self, name: str, force: bool = False) -> list[str]:
         initialize(self.cfg(name), force=force)
-        return uploads.initialize(self.cfg(name), force=force)
+        return upload_init.initialize(self.cfg(name), force=force)
 
     def run_once(self, name: str) -> None:
         assert run(self.cfg(name), once=True) == 0
@@ -183,8 +183,8 @@ def test_history_goes_up_at_init_and_two_branches_sell_at_once(up):
 def test_uploads_initialized_while_run_runs_start_without_a_restart(up, monkeypatch):
     """`run` started before the branch's uploads were initialized carries the catalogs and
     says so; `replicator init` meanwhile starts the sales going up in the same process."""
-    from replicator import daemon
-    monkeypatch.setattr(daemon, "UPLOADS_CHECK", 0.5)
+    from replicator import runner
+    monkeypatch.setattr(runner, "UPLOADS_CHECK", 0.5)
     initialize(up.cfg("store-a"))                          # the catalogs only
     _ring(up.dbs["store-a"], 11, 1, 1, [2, 3])
     stop = threading.Event()
@@ -194,7 +194,7 @@ def test_uploads_initialized_while_run_runs_start_without_a_restart(up, monkeypa
     try:
         time.sleep(2)
         assert runner.is_alive() and up.hq.execute("SELECT count(*) FROM public.sales")[0][0] == 0
-        assert uploads.initialize(up.cfg("store-a")) == ["sales"]      # the history, at init
+        assert upload_init.initialize(up.cfg("store-a")) == ["sales"]      # the history, at init
         _ring(up.dbs["store-a"], 11, 2, 1, [4])                        # and a sale after it
         deadline = time.monotonic() + 60
         while up.hq.execute("SELECT count(*) FROM public.sales WHERE folio = 2")[0][0] == 0:
@@ -538,9 +538,9 @@ def test_truncate_and_reinit_at_one_branch_leave_the_other_untouched(up):
     assert_slices_match(up)
     assert up.slice("public.sales", "store-b") == b_sales and up.slice("public.sale_lines", "store-b") == b_lines
     # re-init without --force does nothing; with it, only store-a's slice is replaced
-    assert uploads.initialize(up.cfg("store-a")) == []
+    assert upload_init.initialize(up.cfg("store-a")) == []
     a.execute("DELETE FROM public.sale_lines WHERE folio = 1")
-    assert uploads.initialize(up.cfg("store-a"), force=True) == ["sales"]
+    assert upload_init.initialize(up.cfg("store-a"), force=True) == ["sales"]
     assert_slices_match(up)
     assert up.slice("public.sales", "store-b") == b_sales and up.slice("public.sale_lines", "store-b") == b_lines
 
@@ -627,7 +627,7 @@ def test_a_purge_drops_old_sales_at_the_branch_and_hq_keeps_them(up):
     # verify does not call them extra, and a re-init keeps them at HQ
     res = replicator_cli("verify", "-c", cfg)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert uploads.initialize(up.cfg("store-a"), force=True) == ["sales"]
+    assert upload_init.initialize(up.cfg("store-a"), force=True) == ["sales"]
     assert up.slice("public.sales", "store-a") == hq_sales
     # refused: a table that is no upload, a predicate outside the grammar
     res = replicator_cli("purge", "-c", cfg, "public.items", "--where", "id = 1")

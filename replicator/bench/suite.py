@@ -35,7 +35,7 @@ Benchmarks (``--only`` names):
   branch's lag p99, HQ CPU per branch; and the window query's plan and time with a
   small and a big change log (``EXPLAIN (ANALYZE, FORMAT JSON)`` of ``LogReader.plain_query``).
 * ``fleet``: a thousand simulated branches (their own logins, through PgBouncer, the
-  daemon's own queries on its schedule: bench_fleet.py) on a durable HQ: HQ's CPU for
+  daemon's own queries on its schedule: fleet.py) on a durable HQ: HQ's CPU for
   polling while idle and while a pgbench writer changes stock, the writer's TPS with the
   fleet vs without, and the lag of every change the branches see.
 
@@ -65,16 +65,16 @@ from typing import Callable, Iterator
 import yaml
 from psycopg import sql
 
-from . import config
-from .bench_fleet import bench_fleet
-from .bench_kit import (Result, cluster_cpu_seconds, limit_result, machine_line, markdown_table, median,
-                        percentile, pgbench_tps, process_cpu_seconds, ratio_result, say, text_table)
-from .capture import install
-from .cluster import Cluster, Database, find_bindir
-from .hq import add_branch
-from .initialize import initialize
-from .reader import LogReader, current_snapshot
-from .schema import source_tables
+from .. import config
+from ..capture import install
+from ..cluster import Cluster, Database, find_bindir
+from ..hq import add_branch
+from ..initialize import initialize
+from ..reader import LogReader, current_snapshot
+from ..schema import source_tables
+from .fleet import bench_fleet
+from .kit import (Result, cluster_cpu_seconds, limit_result, machine_line, markdown_table, median, percentile,
+                  pgbench_tps, process_cpu_seconds, ratio_result, say, text_table)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Sizes:
     restrict_items: int = 20_000   # items per store of the filtered table (20 stores)
     restrict_txns: int = 1000      # catch-up transactions, each updating 10 items in every store
     upload_sales: int = 60_000     # sales queued at one branch (and in all, over ten branches)
-    fleet_branches: int = 1000     # simulated branches of the fleet benchmark (bench_fleet.py)
+    fleet_branches: int = 1000     # simulated branches of the fleet benchmark (fleet.py)
     fleet_seconds: int = 20        # each phase
 
 
@@ -1107,7 +1107,7 @@ def poll_time(hq: Database, reader: LogReader, repeat: int = 21) -> Poll:
     (reader.WINDOW_SETTINGS: jit off, since compiling costs milliseconds when a big log's
     estimate passes jit_above_cost; no parallel workers; work_mem).
     """
-    from .reader import window_settings
+    from ..reader import window_settings
     with hq.connect() as conn:
         window_settings(conn, local=False)
         prev = current_snapshot(conn)
@@ -1264,7 +1264,7 @@ END;
 def upload_hq(env: Env, name: str) -> tuple[Database, Path]:
     """HQ with the sales tables as upload targets (each branch's slice under row-level
     security) and a small catalog, as `replicator hq install` leaves it."""
-    from .uploads import check_targets, install_targets
+    from ..uploads import check_targets, install_targets
     hq = env.fresh("hq", name)
     hq.execute(UPLOAD_SCHEMA)
     hq.execute("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g")
@@ -1281,11 +1281,11 @@ def upload_hq(env: Env, name: str) -> tuple[Database, Path]:
 
 def upload_branch(env: Env, hq: Database, hq_yaml: Path, name: str, store: int, which: str = "branch") -> Path:
     """A branch registered for store `store`, catalogs and (empty) sales history initialized."""
-    from . import uploads
+    from .. import upload_init
     br = env.fresh(which, name)
     br.execute(UPLOAD_SCHEMA)
     path = register_branch(hq, hq_yaml, name.replace("_", "-"), br, env.workdir, params={"store_id": store})
-    uploads.initialize(config.load_branch(path))
+    upload_init.initialize(config.load_branch(path))
     return path
 
 
@@ -1382,7 +1382,7 @@ def uploads_native(env: Env, k: int, n: int, run: int) -> tuple[float, float]:
 def sale_capture(env: Env) -> Result:
     """pgbench: a sale (header and three lines, one transaction) on a durable branch, with the
     upload tables' capture vs without (triggers disabled)."""
-    from . import uploads
+    from .. import uploads
     db = env.fresh("hq_durable", "sale_capture")
     db.execute(UPLOAD_SCHEMA)
     with db.connect() as conn:
@@ -1469,7 +1469,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     if not args.verbose:
         for name in ("replicator.cluster", "replicator.capture", "replicator.hq", "replicator.initialize",
-                     "replicator.db", "replicator.uploads"):
+                     "replicator.db", "replicator.uploads", "replicator.upload_init"):
             logging.getLogger(name).setLevel(logging.WARNING)
     sizes = QUICK if args.quick else FULL
     if args.init_rows:
@@ -1509,7 +1509,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.strict and any(r.ok is False for r in results):
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cluster import server_os_user
+from ..cluster import server_os_user
 
 CANDIDATES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer")
 

@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 import psycopg
 import yaml
 
-from . import bench_kit as b
-from . import config
-from .capture import install
-from .daemon import ACK_INTERVAL, IDLE_ADVANCE, IDLE_AFTER, QUIET_ADVANCE
-from .hq import add_branch
+from .. import config
+from ..capture import install
+from ..hq import add_branch
+from ..reader import LATE, PROBE, LogReader, current_snapshot, window_settings_sql
+from ..schema import source_tables
+from ..session import ACK_INTERVAL, IDLE_ADVANCE, IDLE_AFTER, QUIET_ADVANCE, probe_interval
+from . import kit as b
 from .pgbouncer import PgBouncer
-from .reader import LATE, PROBE, LogReader, current_snapshot, window_settings_sql
-from .schema import source_tables
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Poller:
             except psycopg.Error:
                 fleet.errors += 1
                 found = False
-            wait = self.poll if time.monotonic() - self.last_news < IDLE_AFTER else self.idle_poll
+            wait = probe_interval(time.monotonic() - self.last_news, self.poll, self.idle_poll)
             if found:                    # as the daemon (_next_probe_in): probes keep their cadence
                 wait = max(0.0, wait - (time.monotonic() - began))
             try:

@@ -1,6 +1,6 @@
 """The benchmarks' harness: results and their table, percentiles, CPU accounting, pgbench.
 
-Shared by bench.py and bench_fleet.py (tooling, not the product)."""
+Shared by suite.py and fleet.py (tooling, not the product)."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .cluster import Cluster, Database, find_bindir
+from ..cluster import Cluster, Database, find_bindir
 
 log = logging.getLogger("replicator.bench")     # what `python -m replicator.bench` shows
 
