@@ -46,7 +46,8 @@ from .progress import reporter
 from .sample import generate, load_hq_rules, load_schema, random_changes, random_sales
 from .stream import CATALOGS
 from .status import branch_status
-from .verify import format_report, verify, verify_uploads
+from .verify import verify, verify_uploads
+from .verify_report import format_report
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ import replicator.verify as verify_mod
 from harness import make_setup
 from replicator import sample
 from replicator.hq import role_name
-from replicator.verify import format_report, repair, verify
+from replicator.verify import repair, verify
+from replicator.verify_report import format_report
 from soak import Daemon, HQWriter, hq_catalogs, wait_caught_up
 
 TESTS = Path(__file__).resolve().parent

@@ -339,7 +339,7 @@ def verify(config_path: str, catalogs: tuple[str, ...], as_json: bool, repair: b
         replicator verify -c branch.yaml items stock --json
         replicator verify -c branch.yaml --repair
     """
-    from ..verify import format_report
+    from ..verify_report import format_report
     cfg = config_mod.load_branch(config_path)
     report = _verify_both(cfg, catalogs, wait)
     fixed = None
