@@ -72,6 +72,7 @@ from ..hq import add_branch
 from ..initialize import initialize
 from ..reader import LogReader, current_snapshot
 from ..schema import source_tables
+from ..session import IDLE_AFTER
 from .fleet import bench_fleet
 from .kit import (Result, cluster_cpu_seconds, limit_result, machine_line, markdown_table, median, percentile,
                   pgbench_tps, process_cpu_seconds, ratio_result, say, text_table)
@@ -771,7 +772,10 @@ def backend_cpu_ns(pids: list[int]) -> int:
 def idle_branch_cost(env: Env, hq: Database, seconds: float) -> Result:
     """HQ CPU that connected, idle branches cost: their backends' CPU while HQ commits
     100 transactions a second to a table they do not receive (so every poll sees a new
-    snapshot, the realistic case), per branch and second."""
+    snapshot, the realistic case), per branch and second.  Measured from IDLE_AFTER seconds
+    after their last change (connect_fleet's), when they probe every idle_poll_interval:
+    before that they still probe every poll_interval, as a branch that just received a
+    change does; after QUIET_AFTER they probe half as often again."""
     pids = [r[0] for r in hq.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
                                      "AND application_name LIKE 'replicator run %%'")]
     hq.execute("CREATE TABLE IF NOT EXISTS bench_other (i bigint)")
@@ -788,7 +792,7 @@ def idle_branch_cost(env: Env, hq: Database, seconds: float) -> Result:
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     try:
-        time.sleep(1)
+        time.sleep(IDLE_AFTER + 1)
         before, t0 = backend_cpu_ns(pids), time.perf_counter()
         time.sleep(seconds)
         used, elapsed = backend_cpu_ns(pids) - before, time.perf_counter() - t0
@@ -797,8 +801,9 @@ def idle_branch_cost(env: Env, hq: Database, seconds: float) -> Result:
         thread.join(5)
     per = used / 1e6 / elapsed / max(len(pids), 1)
     return limit_result("wake-ups", "HQ CPU per idle connected branch", per, 0.5, "ms/s",
-                        note=f"{len(pids)} branch backends over {elapsed:.0f} s while HQ commits 100 txns/s to "
-                             "another table; /proc/PID/schedstat of their HQ backends")
+                        note=f"{len(pids)} branch backends over {elapsed:.0f} s, from {IDLE_AFTER:.0f} s after their "
+                             "last change, while HQ commits 100 txns/s to another table; /proc/PID/schedstat of "
+                             "their HQ backends")
 
 
 def concurrent_writers(env: Env, hq: Database, hq_yaml: Path, script: Path, rows: int, secs: int,
