@@ -285,8 +285,8 @@ class Applier:
         for tid, ks in changes.items():
             t = self.tables[tid]
             for key, (op, row) in ks.items():
-                aside.put_reason(self.conn, self.stream, t.schema, t.name, key, op, self._portable(tid, row), first[0], first[1],
-                                 "waits with a set-aside source transaction it touches, which holds a row this "
+                aside.put_reason(self.conn, self.stream, t.schema, t.name, key, op, self._portable(tid, row),
+                                 first[0], first[1], "waits with a set-aside source transaction it touches, which holds a row this "
                                  f"replicator cannot apply ({first[2]}); `verify --repair`, then discard it", unit)
                 self.waiting.setdefault(tid, set()).add(key)
                 stats.set_aside += 1
@@ -312,8 +312,8 @@ class Applier:
             for key, (op, row) in ks.items():
                 mine = (tid, key) == (ctid, ckey)
                 message = reason if mine else f"set aside with its source transaction: HQ refused {what}: {reason}"
-                aside.put_reason(self.conn, self.stream, t.schema, t.name, key, op, self._portable(tid, row), cerr.sqlstate,
-                                 cerr.diag.constraint_name, message, unit)
+                aside.put_reason(self.conn, self.stream, t.schema, t.name, key, op, self._portable(tid, row),
+                                 cerr.sqlstate, cerr.diag.constraint_name, message, unit)
                 self.waiting.setdefault(tid, set()).add(key)
         log.warning("a source transaction of %d changes set aside whole: HQ refused %s: %s",
                     sum(len(ks) for ks in merged.values()), what, reason)

@@ -149,7 +149,8 @@ _CONNECT_FAILURES = (
     ((("password authentication failed", "no password supplied"),), FIX,
      "wrong or missing password; check PGPASSWORD, ~/.pgpass or the ${{VAR}} in the DSN"),
     ((("database",), ("does not exist",)), FIX, "{msg}; create it or fix dbname in the DSN"),
-    ((("role",), ("does not exist",)), FIX, "{msg}; register the branch on HQ (replicator hq add-branch) or fix the user"),
+    ((("role",), ("does not exist",)), FIX,
+     "{msg}; register the branch on HQ (replicator hq add-branch) or fix the user"),
     ((("connection refused",),), RETRY,
      "nothing is listening there (connection refused); is PostgreSQL running and the host/port right?"),
     ((("timeout", "timed out"),), RETRY, "the server did not answer in time; check the host, firewall and network"),
@@ -159,7 +160,8 @@ _CONNECT_FAILURES = (
      "TLS (sslmode); enable ssl on the server or change sslmode in the DSN"),
     ((("ssl", "certificate"),), FIX, "TLS problem: {msg}; check sslmode and certificates"),
     ((("no pg_hba.conf entry",),), FIX, "{msg}; the server's pg_hba.conf does not allow this connection"),
-    ((("permission denied",),), FIX, "{msg}; the login may not connect there: check its privileges (CONNECT)"),
+    ((("permission denied",),), FIX,
+     "{msg}; the login may not connect there: check its privileges (CONNECT)"),
 )
 
 

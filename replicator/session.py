@@ -326,7 +326,8 @@ class Session:
     def poll_wait(self) -> float:
         """Seconds until the next probe: poll_interval while changes for us flow, then
         idle_poll_interval, then QUIET_FACTOR times that (probe_interval)."""
-        return probe_interval(time.monotonic() - self.last_news, self.cfg.poll_interval, self.cfg.idle_poll_interval)
+        return probe_interval(time.monotonic() - self.last_news, self.cfg.poll_interval,
+                              self.cfg.idle_poll_interval)
 
     def _advance(self, pos: state.Position, cur: str) -> None:
         """Move the position over log that holds nothing for us (so HQ can prune and `hq
