@@ -96,7 +96,7 @@ def install_targets(conn: psycopg.Connection, cfg: HQConfig) -> TargetReport:
         for name in STATE_TABLES:
             _protect(conn, sql.Identifier("replication", name), "replicator_stream",
                      sql.SQL("stream OPERATOR(pg_catalog.=) (SELECT replication.upload_stream())"))
-        # Apply runs in replica mode (DESIGN §5): FK checks and ordinary triggers stay quiet,
+        # Apply runs in replica mode (README, Uploads): FK checks and ordinary triggers stay quiet,
         # ENABLE ALWAYS ones fire.  A branch login may set it for its own session only.
         conn.execute("GRANT SET ON PARAMETER session_replication_role TO replicator_branch")
         conn.execute("SELECT pg_catalog.set_config('search_path', %s, true)", (path,))

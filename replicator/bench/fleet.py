@@ -1,4 +1,4 @@
-"""The fleet benchmark: a thousand branches on one HQ, through PgBouncer (issue 20).
+"""The fleet benchmark: a thousand branches on one HQ, through PgBouncer.
 
 A thousand `replicator run` daemons do not fit on a 2-core machine, but what they cost HQ
 is their queries, and those are simulated faithfully: each simulated branch has its own
