@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from replicator.bench import kit as bench
+from replicator.bench import suite as bench
 from tests.harness import REPO
 
 EXPECTED_ROWS = [
