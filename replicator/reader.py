@@ -167,9 +167,12 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l
         """Transactions in progress at `prev` that have committed by `cur`."""
         return self._late_and_arrays(conn, prev, cur)[0]
 
-    def _late_and_arrays(self, conn: psycopg.Connection, prev: str, cur: str) -> tuple[list[str], bool]:
-        """The late committers, and whether the window holds an array of images (the partial
-        index change_log_arrays makes that a probe of a tiny index)."""
+    def _late_and_arrays(self, conn: psycopg.Connection, prev: str, cur: str
+                         ) -> tuple[list[str], bool, list[str] | None]:
+        """The late committers, whether the window holds an array of images (the partial
+        index change_log_arrays makes that a probe of a tiny index), and the login's routes
+        (None: no branch login), which the window's query takes as a value (see
+        _window_rows)."""
         return conn.execute(LATE, {"prev": prev, "cur": cur, "tables": list(self.tables)}).fetchone()
 
     def window(self, conn: psycopg.Connection, prev: str, cur: str, after_id: int = 0
@@ -184,14 +187,15 @@ SELECT l.id, l.table_id, {op}, CASE l.table_id {keys} END, {row}, l.ts, {rec}, l
         before read: the window's rows are committed and immutable, so the pieces are
         exactly the window, whatever the isolation level.
         """
-        late, arrays = self._late_and_arrays(conn, prev, cur)
+        late, arrays, routes = self._late_and_arrays(conn, prev, cur)
         self.know_login(conn)
         query = self.query if arrays else self.plain_query
         if log.isEnabledFor(logging.DEBUG):
             log.debug("window query: %s", query.as_string(conn))
         try:
             while True:
-                params = {"prev": prev, "cur": cur, "late": late, "after": after_id, "tables": list(self.tables)}
+                params = {"prev": prev, "cur": cur, "late": late, "after": after_id, "tables": list(self.tables),
+                          "routes": routes}
                 last = yield from self._piece(conn, query, params, arrays)
                 if last is None:
                     return
@@ -243,9 +247,12 @@ def _window_rows(routed: bool) -> sql.Composable:
     _BRANCH_ARMS) and the late committers'.  One scan's condition, not a union of scans: a
     catch-up's window then streams in id order off the primary key, with no sort of the
     whole window before its first row; a branch's window at the log's end is a BitmapOr of
-    index ranges."""
+    index ranges.  The routes come as a value (LATE reads them just before): the planner
+    then knows how few of the log's rows they are.  Asked inside the query, they were a
+    value it could not see, and once ANALYZE had seen the log it read the window's whole
+    range off change_log_xid and dropped every other store's row."""
     rng = _RANGE.format(cur="%(cur)s::pg_snapshot")
-    arms = [f"({arm.format(routes='(SELECT replication.branch_routes())::text[]')} AND {rng})"
+    arms = [f"({arm.format(routes='%(routes)s::text[]')} AND {rng})"
             for arm in _BRANCH_ARMS] if routed else [f"({rng})"]
     return sql.SQL("({})").format(sql.SQL(" OR ".join(arms + ["l.xid = ANY (%(late)s::xid8[])"])))
 
@@ -358,7 +365,8 @@ SELECT xids::text[],
                   AND ((l.xid >= pg_snapshot_xmax(%(prev)s::pg_snapshot)
                         AND l.xid < pg_snapshot_xmax(%(cur)s::pg_snapshot)
                         AND pg_visible_in_snapshot(l.xid, %(cur)s::pg_snapshot))
-                       OR l.xid = ANY (xids)))
+                       OR l.xid = ANY (xids))),
+       replication.branch_routes()
   FROM late"""
 
 

@@ -114,7 +114,8 @@ def test_upgrade_from_migration_001_regenerates_capture_without_notify(tmp_path,
     report = s.install()
     assert report.migrations == ["002_notify_setting", "003_lean_capture", "004_stable_plans", "005_bulk_chunks",
                                  "006_hq_first", "007_branch_rows", "008_partitioned_sources",
-                                 "009_set_aside_counts", "010_uploads", "011_purges", "012_routes", "013_one_lookup_probe"]
+                                 "009_set_aside_counts", "010_uploads", "011_purges", "012_routes", "013_one_lookup_probe",
+                                 "014_route_probe_plan"]
     assert report.attached == ["public.items"]
     source = _capture_source(hq)
     assert "notify" not in source and "n.* IS NULL" not in source and "enable_mergejoin" in source

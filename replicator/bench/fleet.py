@@ -114,9 +114,10 @@ class Poller:
         params = {"prev": self.pos, "cur": cur, "tables": self.tables}
         async with self.conn.transaction():
             await self.conn.execute(window_settings_sql())
-            late, arrays = await (await self.conn.execute(LATE, params)).fetchone()
+            late, arrays, routes = await (await self.conn.execute(LATE, params)).fetchone()
             query = self.reader.query if arrays else self.reader.plain_query
-            rows = await (await self.conn.execute(query, {**params, "late": late, "after": 0})).fetchall()
+            rows = await (await self.conn.execute(query, {**params, "late": late, "after": 0, "routes": routes})
+                          ).fetchall()
         fleet.windows += 1
         seen = time.time()
         if rows:
