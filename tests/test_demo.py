@@ -43,7 +43,10 @@ class DemoRun:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "replicator", "demo", *args], cwd=REPO, text=True,
             env={**os.environ, "TMPDIR": str(self.tmp)}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            # as a terminal starts it: a shell's background job (pytest run with `&`) would
+            # hand down SIGINT ignored, and the Ctrl-C tests would wait out their timeout
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
