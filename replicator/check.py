@@ -129,7 +129,8 @@ def _check_access(hq, tables: list[Table], rep: CheckReport) -> None:
 def _check_initialized(cfg: BranchConfig, hq, branch, tables: list[Table], rep: CheckReport) -> None:
     if state.has_schema(branch):
         for m in state.ensure_schema(branch):        # a newer check brings the branch's own objects up to date
-            rep.lines.append(f"branch replication schema upgraded: target migration {m}")
+            what = "target migration " + m if m[:1].isdigit() else "re-created " + m
+            rep.lines.append(f"branch replication schema upgraded: {what}")
     pos = state.load_position(branch, CATALOGS)
     if pos is None:
         rep.lines.append("branch initialized: no (next step: `replicator init`)")

@@ -5,11 +5,13 @@ listening, TLS refused, unknown database) that never contains the password.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from .errors import ConnectionFailed, ReplicatorError
@@ -204,13 +206,27 @@ _HINTS = {"capture": "run `replicator hq install -c hq.yaml`", "target": "run `r
 
 
 def migrations(side: str) -> list[tuple[int, str, str]]:
-    """The numbered SQL files of one side ('capture' or 'target'), in order: (version, name, text)."""
+    """The numbered SQL files of one side ('capture' or 'target'), in order: (version, name, text).
+    They hold tables, indexes, roles and grants, and run once each."""
     out = []
     for path in sorted((SQL_DIR / side).glob("*.sql")):
         m = _MIGRATION_RE.match(path.name)
         if m:
             out.append((int(m.group(1)), m.group(2), path.read_text(encoding="utf-8")))
     return out
+
+
+def repeatables(side: str) -> list[tuple[str, str]]:
+    """One side's files applied again whenever their text changes, in order: (name, text).
+    functions/ holds each function in one file (CREATE OR REPLACE, its grants); hooks.sql,
+    where a side has one, the objects that call them, created after them."""
+    side_dir = SQL_DIR / side
+    paths = sorted((side_dir / "functions").glob("*.sql")) + sorted(side_dir.glob("hooks.sql"))
+    return [(path.relative_to(side_dir).as_posix(), path.read_text(encoding="utf-8")) for path in paths]
+
+
+def checksum(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def versions_sql() -> str:
@@ -235,20 +251,41 @@ def applied_versions(conn: psycopg.Connection, side: str) -> set[int]:
     return {r[0] for r in conn.execute("SELECT version FROM replication.versions WHERE side = %s", (side,))}
 
 
+def applied_repeatables(conn: psycopg.Connection, side: str) -> dict[str, str]:
+    """Name -> checksum of the repeatable files last applied to one side (none before this
+    layout: a release that kept functions inside its numbered migrations)."""
+    if conn.execute("SELECT to_regclass('replication.repeatables')").fetchone()[0] is None:
+        return {}
+    return dict(conn.execute("SELECT name, checksum FROM replication.repeatables WHERE side = %s", (side,)))
+
+
+_RECORD_REPEATABLE = ("INSERT INTO replication.repeatables (side, name, checksum) VALUES ({side}, {name}, {sum}) "
+                      "ON CONFLICT (side, name) DO UPDATE SET checksum = EXCLUDED.checksum, applied_at = now()")
+
+
 def migration_script(side: str, heading: str = "migration") -> list[str]:
-    """One side's migrations as script blocks for a DBA's migration tool: each refuses to run
-    twice and records itself, as `migrate` does."""
-    return [f"\n-- {heading} {version:03d}_{name}\nBEGIN;\n"
-            f"DO $v$ BEGIN IF EXISTS (SELECT FROM replication.versions "
-            f"WHERE side = '{side}' AND version = {version}) THEN "
-            f"RAISE EXCEPTION 'migration {version} already applied: skip this block'; "
-            f"END IF; END $v$;\n{text.rstrip()}\n"
-            f"INSERT INTO replication.versions (side, version, name) VALUES ('{side}', {version}, '{name}');\n"
-            "COMMIT;" for version, name, text in migrations(side)]
+    """One side's migrations as script blocks for a DBA's migration tool: each numbered one
+    refuses to run twice and records itself, as `migrate` does; then one block of the
+    repeatable files, which may run again (it re-creates the functions and records them)."""
+    blocks = [f"\n-- {heading} {version:03d}_{name}\nBEGIN;\n"
+              f"DO $v$ BEGIN IF EXISTS (SELECT FROM replication.versions "
+              f"WHERE side = '{side}' AND version = {version}) THEN "
+              f"RAISE EXCEPTION 'migration {version} already applied: skip this block'; "
+              f"END IF; END $v$;\n{text.rstrip()}\n"
+              f"INSERT INTO replication.versions (side, version, name) VALUES ('{side}', {version}, '{name}');\n"
+              "COMMIT;" for version, name, text in migrations(side)]
+    files = repeatables(side)
+    body = "\n".join(f"-- {name}\n{text.rstrip()}\n" + _RECORD_REPEATABLE.format(
+        side=f"'{side}'", name=f"'{name}'", sum=f"'{checksum(text)}'") + ";" for name, text in files)
+    blocks.append(f"\n-- {heading}: functions ({len(files)} files, repeatable: apply again after an upgrade)\n"
+                  f"BEGIN;\n{body}\nCOMMIT;")
+    return blocks
 
 
 def migrate(conn: psycopg.Connection, side: str) -> list[str]:
-    """Apply one side's pending migrations, each in its own transaction; return their names."""
+    """Apply one side's pending numbered migrations, then the repeatable files whose text
+    changed, all in one transaction (no moment with a table's row security on and its
+    policy not yet created); return what was applied."""
     done = []
     with conn.transaction():
         # Serialize concurrent installers on the same database.
@@ -256,18 +293,23 @@ def migrate(conn: psycopg.Connection, side: str) -> list[str]:
         _require_other_side_current(conn, side)
         conn.execute(versions_sql())
         have = applied_versions(conn, side)
-    for version, name, text in migrations(side):
-        if version in have:
-            continue
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('replicator migrate'))")
-            if version in applied_versions(conn, side):
+        for version, name, text in migrations(side):
+            if version in have:
                 continue
             conn.execute(text)
             conn.execute("INSERT INTO replication.versions (side, version, name) VALUES (%s, %s, %s)",
                          (side, version, name))
-        log.info("applied %s migration %03d_%s", side, version, name)
-        done.append(f"{version:03d}_{name}")
+            log.info("applied %s migration %03d_%s", side, version, name)
+            done.append(f"{version:03d}_{name}")
+        applied = applied_repeatables(conn, side)
+        for name, text in repeatables(side):
+            if applied.get(name) == checksum(text):
+                continue
+            conn.execute(text)
+            conn.execute(sql.SQL(_RECORD_REPEATABLE).format(
+                side=sql.Literal(side), name=sql.Literal(name), sum=sql.Literal(checksum(text))))
+            log.info("applied %s %s", side, name)
+            done.append(name)
     return done
 
 
@@ -293,3 +335,10 @@ def require_version(conn: psycopg.Connection, side: str, label: str) -> None:
     if want - have:
         raise ReplicatorError(f"{label} replication schema is out of date "
                               f"(missing migrations {sorted(want - have)}); {_HINTS[side]}")
+    # Only by name: a newer install may have re-created a function this release knows
+    # (a release that needs a function's new behaviour gives it a new name).
+    applied = applied_repeatables(conn, side)
+    missing = [name for name, _ in repeatables(side) if name not in applied]
+    if missing:
+        raise ReplicatorError(f"{label} replication schema is out of date (missing {', '.join(missing)}); "
+                              f"{_HINTS[side]}")

@@ -7,7 +7,7 @@ once per statement, not per row)::
     CREATE TRIGGER replicator_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE
         ON public.items FOR EACH STATEMENT EXECUTE FUNCTION replication.guard('items')
 
-whose function (sql/target/002_guard.sql) raises ``insufficient_privilege``:
+whose function (sql/target/functions/guard.sql) raises ``insufficient_privilege``:
 "table public.items belongs to catalog items, which is replicated from HQ and
 read-only here; change it at HQ".  The replicator's own writes pass because
 init and apply run with ``session_replication_role = replica``, where

@@ -36,3 +36,13 @@ BEGIN
     END IF;
 END
 $$;
+
+-- The files re-applied whenever their text changes (each side's functions/ and hooks.sql):
+-- the checksum of the text last applied.  A file whose checksum differs is applied again.
+CREATE TABLE IF NOT EXISTS replication.repeatables (
+    side       text NOT NULL CHECK (side IN ('capture', 'target')),
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (side, name)
+);

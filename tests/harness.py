@@ -22,6 +22,28 @@ from replicator.hq import add_branch
 from replicator.initialize import initialize
 
 REPO = Path(__file__).resolve().parent.parent
+# The last commit whose numbered migrations still held the functions (before sql/*/functions/):
+# tests that stand in for an older release install its migrations from git history.
+FUNCTIONS_IN_MIGRATIONS = "2702360"
+
+
+def file_at(commit: str, path: str) -> str:
+    """A file of this repository as it was at `commit`."""
+    return subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{path}"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def migrations_at(commit: str, side: str) -> list[tuple[int, str, str]]:
+    """One side's numbered migrations as the release at `commit` shipped them: (version, name, text)."""
+    names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", commit, f"sql/{side}/"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    out = []
+    for path in sorted(names):
+        stem = Path(path).stem
+        version, _, name = stem.partition("_")
+        if version.isdigit():
+            out.append((int(version), name, file_at(commit, path)))
+    return out
 
 
 @dataclass

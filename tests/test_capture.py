@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from replicator.db import migrations
+from replicator.db import migrations, repeatables
 from replicator.errors import ConfigError
 import yaml
 
-from tests.harness import Branch, Setup, assert_same, make_setup
+from tests.harness import FUNCTIONS_IN_MIGRATIONS, Branch, Setup, assert_same, make_setup, migrations_at
 
 SCHEMA = """
 CREATE TABLE items (id int PRIMARY KEY, name text, doc json, price float8, tags text[]);
@@ -79,11 +79,10 @@ def test_unusual_writer_settings_do_not_change_values(tmp_path, hq, branch_a):
 def _install_release_at(hq, version: int) -> None:
     """HQ as a release that shipped migrations up to `version` left it: those migrations and
     that release's registry calls (retire_others took two arguments before migration 006)."""
-    from replicator import db
     # releases then kept versions without a side (sql/versions.sql adds it on upgrade)
     hq.execute("CREATE SCHEMA replication; CREATE TABLE replication.versions (version int PRIMARY KEY, "
                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-    for v, name, text in db.migrations("capture"):
+    for v, name, text in migrations_at(FUNCTIONS_IN_MIGRATIONS, "capture"):
         if v <= version:
             hq.execute(text)
             hq.execute("INSERT INTO replication.versions (version, name) VALUES (%s, %s)", (v, name))
@@ -112,10 +111,9 @@ def test_upgrade_from_migration_001_regenerates_capture_without_notify(tmp_path,
     assert branch_a.execute("SELECT id, name FROM items") == [(7, "local")]
     assert branch_a.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'replicat%'") == 0
     report = s.install()
-    assert report.migrations == ["002_notify_setting", "003_lean_capture", "004_stable_plans", "005_bulk_chunks",
-                                 "006_hq_first", "007_branch_rows", "008_partitioned_sources",
-                                 "009_set_aside_counts", "010_uploads", "011_purges", "012_routes", "013_one_lookup_probe",
-                                 "014_route_probe_plan"]
+    assert report.migrations == ["005_bulk_chunks", "006_hq_first", "007_branch_rows", "009_set_aside_counts",
+                                 "010_uploads", "011_purges", "012_routes", "015_repeatables",
+                                 *(name for name, _ in repeatables("capture"))]
     assert report.attached == ["public.items"]
     source = _capture_source(hq)
     assert "notify" not in source and "n.* IS NULL" not in source and "enable_mergejoin" in source

@@ -56,7 +56,7 @@ def stock_id(hq) -> int:
 def test_a_branch_looks_only_at_its_own_stores_log_rows(pos, branch_a, branch_b, analyzed):
     """after-analyze: the statistics autovacuum gathers on a busy log (few routes, each of
     many rows) once made the planner read the window's whole range off change_log_xid, in
-    the probe's generic plans and in the window's query alike (migration 014)."""
+    the probe's generic plans and in the window's query alike (sql/capture/functions/probe.sql)."""
     a = pos.register(pos.branch_db(branch_a), 1, catalogs=FILTERED)
     b = pos.register(pos.branch_db(branch_b), 2, catalogs=FILTERED)
     a.init()

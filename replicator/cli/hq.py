@@ -53,7 +53,7 @@ def hq_install(config_path: str, detach: bool) -> None:
         report = install(conn, cfg, detach)
         targets = install_targets(conn, cfg)
     for m in report.migrations:
-        click.echo(f"applied migration {m}")
+        click.echo(f"applied migration {m}" if m[:1].isdigit() else f"re-created {m}")
     for t in report.attached:
         click.echo(f"capture attached: {t}")
     for t in report.retired:

@@ -1,19 +1,21 @@
--- replicator: capture on HQ, migration 004.
---
--- Capture's statements get the same plans in every session (README, Performance).  A
--- plpgsql function plans a statement at its first run in a session and keeps that
--- plan, made for that run's transition-table size.  A session whose first UPDATE was a
--- bulk one kept a merge join with JIT for its later single-row UPDATEs, which then
--- compiled JIT code on every run (10 ms each instead of 0.2); an INSERT or DELETE large
--- enough for the planner to choose JIT (several million rows) did the same to later
--- single-row ones.  Each capture statement now has one copy for fewer than 1,000 rows
--- and one for more, planned without JIT and, for the UPDATE's old/new join, with a hash
--- join.  Redefines capture_body; `replicator hq install` then regenerates every table's
--- capture function, because its text changed.
-
--- The text of one table's capture function: static statements (their plans are
--- cached) that write the table's row images into the change log.
-CREATE OR REPLACE FUNCTION replication.capture_body(p_tid int, p_rel regclass, p_keys text[], p_filter text,
+-- The text of one table's capture function: static statements (their plans are cached)
+-- that write the table's row images into the change log.  Why it reads as it does:
+-- * SECURITY DEFINER (writers need no rights on the log), run with the writer's
+--   search_path, so every operator, type and function is schema-qualified
+--   (OPERATOR(pg_catalog.=), pg_catalog.text[]): no writer can slip its own `=` in front
+--   of pg_catalog.  A SET search_path clause would cost every write a save and restore.
+-- * No NOTIFY: notifications queue at commit, one idle LISTENer can fill the queue and
+--   make every capturing commit fail, and notifying commits serialize on one lock.
+--   Branches probe the log instead (replication.probe).
+-- * A statement of 1,000 rows or more runs copies of its own, planned without JIT and
+--   with a hash join, so a session's single-row statements keep plans made for them.
+-- * A bulk statement on an unfiltered table logs its images 1,000 to a log row (`rows`,
+--   lz4 where the server has it, op i/u/d); a key change is logged by attach_table's
+--   row trigger, so the bulk UPDATE needs no old/new join.
+-- * The writer-settings check (DateStyle, IntervalStyle, extra_float_digits,
+--   bytea_output) is generated only for tables with a column whose image depends on it.
+-- capture_body_unrouted and capture_body add partitioned tables and routes to this text.
+CREATE OR REPLACE FUNCTION replication.capture_body_plain(p_tid int, p_rel regclass, p_keys text[], p_filter text,
                                          p_exclude text[])
 RETURNS text LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -28,16 +30,18 @@ DECLARE
     exact    text[];         -- columns whose to_jsonb() form is not exact: they travel as text
     new_txt  text;
     old_txt  text;
-    no_new   text;           -- "this old row has no new row": its first key column is NULL
     guard    text := '';     -- the writer-settings check, when the table needs it
     restore  text := '';
-    writes   text;           -- the statements that log rows (the function has them twice)
+    writes   text;           -- the statements that log rows, for fewer than 1,000 rows
+    bulk     text;           -- and for 1,000 rows or more
+    upd_rows text;           -- the UPDATE's statement
+    chunk    text := $c$(SELECT %s AS img, (pg_catalog.row_number() OVER () OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 1000 AS chunk
+              FROM %s) c GROUP BY c.chunk;$c$;
 BEGIN
     SELECT string_agg(format('o.%1$I OPERATOR(pg_catalog.=) n.%1$I', k), ' AND ') INTO same_key FROM unnest(keys) AS k;
-    no_new := format('n.%I IS NULL', keys[1]);
     IF cardinality(p_exclude) > 0 THEN
-        new_img := format('(pg_catalog.to_jsonb(n.*) OPERATOR(pg_catalog.-) %L::text[])', p_exclude);
-        old_img := format('(pg_catalog.to_jsonb(o.*) OPERATOR(pg_catalog.-) %L::text[])', p_exclude);
+        new_img := format('(pg_catalog.to_jsonb(n.*) OPERATOR(pg_catalog.-) %L::pg_catalog.text[])', p_exclude);
+        old_img := format('(pg_catalog.to_jsonb(o.*) OPERATOR(pg_catalog.-) %L::pg_catalog.text[])', p_exclude);
     END IF;
     -- to_jsonb() loses the text of json (key order, spacing, duplicate keys), turns a
     -- json(b) null into SQL NULL, -0 into 0, and drops array bounds; composites nest all
@@ -83,7 +87,7 @@ BEGIN
                       'int2', 'int4', 'int8', 'oid', 'numeric', 'bool', 'text', 'varchar', 'bpchar',
                       'name', '"char"', 'uuid', 'date', 'timestamp', 'timestamptz', 'json', 'jsonb')) THEN
         guard := $g$
-    IF pg_catalog.current_setting('DateStyle') NOT LIKE 'ISO%'
+    IF pg_catalog.current_setting('DateStyle') OPERATOR(pg_catalog.!~~) 'ISO%'
        OR pg_catalog.current_setting('IntervalStyle') OPERATOR(pg_catalog.<>) 'postgres'
        OR pg_catalog.current_setting('extra_float_digits') OPERATOR(pg_catalog.<) '1'
        OR pg_catalog.current_setting('bytea_output') OPERATOR(pg_catalog.<>) 'hex' THEN
@@ -103,30 +107,55 @@ BEGIN
     END IF;$g$;
     END IF;
 
-    writes := format($w$IF TG_OP = 'INSERT' THEN
+    -- A changed row is an upsert of its new image, an unchanged row is nothing.  A key
+    -- change's delete of the old key was logged before, by the row trigger.
+    upd_rows := format($u$INSERT INTO replication.change_log (table_id, op, row, old_row)
+            SELECT %s, 'U', %s, %s
+              FROM new_rows n LEFT JOIN old_rows o ON %s
+             WHERE o.%I IS NULL OR NOT (o.* OPERATOR(pg_catalog.*=) n.*);$u$,
+        tid, new_img, upd_old, same_key, keys[1]);
+    writes := format($w$IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
             INSERT INTO replication.change_log (table_id, op, row)
             SELECT %1$s, 'I', %2$s FROM new_rows n;
-        ELSIF TG_OP = 'UPDATE' THEN
-            -- One pass: a changed row is an upsert of its new image; an old key absent from
-            -- the new rows (a primary-key change) is a delete; an unchanged row is nothing.
-            INSERT INTO replication.change_log (table_id, op, row, old_row)
-            SELECT %1$s, CASE WHEN %6$s THEN 'D' ELSE 'U' END,
-                   CASE WHEN %6$s THEN %3$s ELSE %2$s END,
-                   CASE WHEN %6$s THEN NULL::pg_catalog.jsonb ELSE %5$s END
-              FROM new_rows n FULL JOIN old_rows o ON %4$s
-             WHERE %6$s OR %7$s OR NOT (o.* OPERATOR(pg_catalog.*=) n.*);
+        ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+            %4$s
         ELSE
             INSERT INTO replication.change_log (table_id, op, row)
             SELECT %1$s, 'D', %3$s FROM old_rows o;
-        END IF;$w$,
-        tid, new_img, old_img, same_key, upd_old, no_new, format('o.%I IS NULL', keys[1]));
+        END IF;$w$, tid, new_img, old_img, upd_rows);
+
+    -- A bulk statement logs its images 1,000 to a log row (an array, compressed with lz4
+    -- where the server has it): a log row per changed row, with its index entries, costs
+    -- more than the rest of capture.  Every updated row is logged, changed or not: pairing
+    -- old and new rows to skip the unchanged ones costs 0.3-0.6 of the statement's time.  A
+    -- table with a row filter logs row by row: its UPDATEs need each new image next to
+    -- its old one (a branch must see a row leave its filter), and a replicator older than
+    -- this migration would skip its arrays unseen, where for other tables it stops.
+    bulk := writes;
+    IF p_filter IS NULL THEN
+        bulk := format($w$IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+            INSERT INTO replication.change_log (table_id, op, rows)
+            SELECT %1$s, 'i', pg_catalog.array_agg(c.img) FROM %2$s
+        ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+            INSERT INTO replication.change_log (table_id, op, rows)
+            SELECT %1$s, 'u', pg_catalog.array_agg(c.img) FROM %2$s
+        ELSE
+            INSERT INTO replication.change_log (table_id, op, rows)
+            SELECT %1$s, 'd', pg_catalog.array_agg(c.img) FROM %3$s
+        END IF;$w$, tid, format(chunk, new_img, 'new_rows n'), format(chunk, old_img, 'old_rows o'));
+    END IF;
 
     RETURN format($f$
 DECLARE
-    saved   text[];
-    planner text[];
+    saved   pg_catalog.text[];
+    planner pg_catalog.text[];
 BEGIN%1$s
-    IF TG_OP = 'TRUNCATE' THEN
+    IF TG_LEVEL OPERATOR(pg_catalog.=) 'ROW' THEN
+        -- A key change (the row trigger's WHEN): the old key is deleted, before the
+        -- statement trigger logs the new row.
+        INSERT INTO replication.change_log (table_id, op, row)
+        SELECT %2$s, 'D', %5$s FROM (SELECT OLD.*) o;
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'TRUNCATE' THEN
         INSERT INTO replication.change_log (table_id, op) VALUES (%2$s, 'T');
     ELSE
         -- A session plans each statement at its first run and keeps the plan, which fits
@@ -134,7 +163,7 @@ BEGIN%1$s
         -- made for a million rows (JIT compiled on every run).  So statements of 1,000 rows
         -- or more run copies of their own, planned without JIT and, for the UPDATE's
         -- old/new join, with a hash join, which is what suits them.
-        IF TG_OP = 'DELETE' THEN
+        IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
             PERFORM FROM old_rows o OFFSET 999 LIMIT 1;
         ELSE
             PERFORM FROM new_rows n OFFSET 999 LIMIT 1;
@@ -144,18 +173,13 @@ BEGIN%1$s
         ELSE
         planner := ARRAY[pg_catalog.current_setting('jit'), pg_catalog.current_setting('enable_mergejoin')];
         PERFORM pg_catalog.set_config('jit', 'off', true), pg_catalog.set_config('enable_mergejoin', 'off', true);
-        %3$s
+        %4$s
         PERFORM pg_catalog.set_config('jit', planner[1], true),
                 pg_catalog.set_config('enable_mergejoin', planner[2], true);
         END IF;
     END IF;
-    -- Wake the branches.  A NOTIFY serializes the commits of all notifying transactions
-    -- (PostgreSQL takes one database-wide lock for it at commit), which caps concurrent
-    -- writers; sessions with replicator.notify = off skip it and branches find their
-    -- changes by polling (poll_interval in branch.yaml).  See README, Operations.
-    IF pg_catalog.current_setting('replicator.notify', true) IS DISTINCT FROM 'off' THEN
-        PERFORM pg_catalog.pg_notify('replicator', '');
-    END IF;%4$s
+    %6$s
     RETURN NULL;
-END$f$, guard, tid, writes, restore);
+END$f$, guard, tid, writes, bulk, old_img, restore);
 END $$;
+REVOKE ALL ON FUNCTION replication.capture_body_plain(integer,regclass,text[],text,text[]) FROM PUBLIC;
