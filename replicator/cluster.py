@@ -394,24 +394,6 @@ class Cluster:
             raise
         return self
 
-    def start_standby_of(self, primary: "Cluster") -> "Cluster":
-        """Create this cluster as a streaming hot standby of `primary` (pg_basebackup -R:
-        it connects to the primary as its superuser, trusted for replication on loopback)
-        and start it; it replays the primary's WAL until promoted or stopped."""
-        _LIVE.add(self)
-        try:
-            self._create_root()
-            rc, out = _run([self.bindir / "pg_basebackup", "-D", self.data_dir, "-R", "-X", "stream",
-                            "-c", "fast", "-h", primary.host, "-p", str(primary.port), "-U", primary.superuser],
-                           cwd=self.root)
-            if rc != 0:
-                raise ClusterError(f"pg_basebackup of cluster {primary.name} failed (exit {rc}):\n{_tail(out)}")
-            self._start_server(choose_port=not self._fixed_port)
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
-
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; ``mode`` is pg_ctl's: smart, fast or immediate (no checkpoint)."""
         if mode not in _STOP_MODES:

@@ -1,6 +1,9 @@
 """Fixtures: three real PostgreSQL clusters (HQ and two branches), one fresh database each per test.
 
-The clusters start once per session (initdb costs about a second each); every test
+The servers are pytest-postgresql's: its process fixtures (`factories.postgresql_proc`) run
+initdb and pg_ctl through its executor, with the wrapper and settings of tests/servers.py
+(root in CI: the server runs as an unprivileged OS user). They start once per session
+(initdb costs about a second each); every test
 gets its own uniquely named database in each cluster it asks for, dropped afterwards,
 so tests never see each other's tables, roles aside (roles are cluster-wide: tests
 that create roles give them unique names and drop them).
@@ -12,8 +15,10 @@ import re
 import uuid
 
 import pytest
+from pytest_postgresql import factories
 
 from replicator.cluster import Cluster, ClusterError, Database, find_bindir
+from servers import OPTIONS, PG_CTL, ExecutorCluster, private_cluster
 
 
 def _require_postgres() -> None:
@@ -26,28 +31,35 @@ def _require_postgres() -> None:
         pytest.skip(str(e))
 
 
-def _session_cluster(name: str):
+def _server(name: str):
+    """pytest-postgresql's session-scoped server fixture for one of the three clusters."""
+    return factories.postgresql_proc(executable=PG_CTL, host="127.0.0.1", port=None, dbname="tests",
+                                     startparams="-w", postgres_options=OPTIONS)
+
+
+hq_proc = _server("hq")
+branch_a_proc = _server("branch_a")
+branch_b_proc = _server("branch_b")
+
+
+def _session_cluster(name: str, request: pytest.FixtureRequest) -> Cluster:
     _require_postgres()
-    cluster = Cluster(name).start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
+    return ExecutorCluster(name, request.getfixturevalue(f"{name}_proc"))
 
 
 @pytest.fixture(scope="session")
-def hq_cluster():
-    yield from _session_cluster("hq")
+def hq_cluster(request):
+    return _session_cluster("hq", request)
 
 
 @pytest.fixture(scope="session")
-def branch_a_cluster():
-    yield from _session_cluster("branch_a")
+def branch_a_cluster(request):
+    return _session_cluster("branch_a", request)
 
 
 @pytest.fixture(scope="session")
-def branch_b_cluster():
-    yield from _session_cluster("branch_b")
+def branch_b_cluster(request):
+    return _session_cluster("branch_b", request)
 
 
 def _fresh_database(cluster: Cluster, request: pytest.FixtureRequest, role: str):
@@ -80,5 +92,8 @@ def branch_b(branch_b_cluster: Cluster, request: pytest.FixtureRequest) -> Datab
 def scratch_cluster() -> Cluster:
     """A private cluster for tests that stop, kill or reconfigure it (never a shared one)."""
     _require_postgres()
-    with Cluster("scratch") as cluster:
+    cluster = private_cluster("scratch")
+    try:
         yield cluster
+    finally:
+        cluster.cleanup()

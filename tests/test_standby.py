@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from harness import assert_same, make_setup
-from replicator.cluster import Cluster
+from servers import standby_of
 from test_daemon import daemon, wait_until
 
 SCHEMA = "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, price numeric(12,2));"
@@ -23,7 +23,7 @@ def standby_world(tmp_path, scratch_cluster, branch_a):
     hq = primary.create_database("hq_standby")
     s = make_setup(tmp_path, hq, CATALOGS, SCHEMA, [branch_a])
     hq.execute("INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 500) g")
-    standby = Cluster("standby").start_standby_of(primary)
+    standby = standby_of(primary)
     try:
         replica = standby.database("hq_standby")
         wait_until(lambda: replica.scalar("SELECT count(*) FROM items") == 500, 20, "the standby replays")
