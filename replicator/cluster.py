@@ -1,7 +1,9 @@
-"""Throwaway PostgreSQL clusters for the demo, the tests and the benchmarks.
+"""Throwaway PostgreSQL clusters for the demo and the benchmarks.
 
-The replicator is about two or more *separate* servers (HQ and branches), so the
-tests need real, separate clusters, not schemas in one database.  This module
+The replicator is about two or more *separate* servers (HQ and branches), so the demo
+and the benchmarks need real, separate clusters, not schemas in one database (the tests
+start theirs through pytest-postgresql and hold them as this module's `Cluster` handle,
+tests/servers.py).  This module
 runs ``initdb`` + ``pg_ctl`` on a temporary directory and a free loopback port,
 tuned for speed (no fsync) rather than durability, with ``wal_level=logical``
 so anything a test might want is available.
