@@ -43,7 +43,8 @@ from .errors import ReplicatorError
 from .hq import add_branch, status as hq_status
 from .initialize import initialize
 from .progress import reporter
-from .sample import generate, load_hq_rules, load_schema, random_changes, random_sales
+from .sample import generate, load_hq_rules, load_schema
+from .sample_changes import random_changes, random_sales
 from .stream import CATALOGS
 from .status import branch_status
 from .verify import verify, verify_uploads

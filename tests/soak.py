@@ -54,7 +54,7 @@ for p in (str(REPO), str(TESTS)):
 
 from faultproxy import FaultProxy  # noqa: E402
 from harness import Branch, Setup, make_setup  # noqa: E402
-from replicator import sample, state  # noqa: E402
+from replicator import sample, sample_changes, state  # noqa: E402
 from replicator.cluster import Cluster, Database  # noqa: E402
 from replicator.reader import covers  # noqa: E402
 from replicator.stream import CATALOGS as STREAM  # noqa: E402
@@ -214,7 +214,7 @@ class HQWriter(threading.Thread):
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
-                self.rows += sample.random_changes(conn, self.batch, self.rng)
+                self.rows += sample_changes.random_changes(conn, self.batch, self.rng)
                 self.transactions += self.batch
             except psycopg.Error:
                 self.errors += 1

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from replicator import sample, state
+from replicator import sample_changes, state
 from replicator.cluster import Cluster
 from replicator.hq import role_name
 from replicator.stream import CATALOGS as STREAM
@@ -246,7 +246,7 @@ def test_hq_out_of_connections_for_a_while(kit, branch_a):
                             "WHERE application_name LIKE 'replicator run%'")
             held += _fill(hq)                    # take the freed slots before it reconnects
             log_from = len(cluster.server_log())
-            changed = sample.random_changes(held[0], 300, random.Random(5))
+            changed = sample_changes.random_changes(held[0], 300, random.Random(5))
             time.sleep(4)
             assert "too many clients already" in cluster.server_log()[log_from:], \
                 "the replicator never tried to connect while HQ was full"
@@ -339,7 +339,7 @@ def test_long_hq_transaction_does_not_hold_back_the_others(kit, hq, branch_a):
             rng = random.Random(8)
             others = 0
             while others < 3000 or time.monotonic() - opened < LONG_TXN_SECONDS / 2:
-                sample.random_changes(conn, 100, rng)
+                sample_changes.random_changes(conn, 100, rng)
                 others += 100
             conn.execute("INSERT INTO currencies (code, name, symbol) VALUES ('ZZZ', 'Marcador', 'Z')")
         committed = time.monotonic()
@@ -363,7 +363,7 @@ def test_branch_offline_for_a_large_backlog_then_back(kit, hq, branch_a):
     b.init(include_customers=True)
     made = bulk_changes(hq, BACKLOG)
     with hq.connect() as conn:
-        made += sample.random_changes(conn, 500, random.Random(9))
+        made += sample_changes.random_changes(conn, 500, random.Random(9))
     st = b.cli("status")
     assert st.returncode == 1 and "behind by" in st.stdout, st.stdout
     started = time.monotonic()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from psycopg import sql
 
-from replicator import sample
+from replicator import sample, sample_changes
 
 HQ_YAML = Path(__file__).resolve().parent.parent / "config" / "hq.yaml"
 
@@ -209,7 +209,7 @@ def test_sizes_promised_for_the_demo():
 
 def test_random_changes_commit_small_consistent_transactions(hq, conn):
     before = sample.table_counts(conn)
-    changed = sample.random_changes(conn, 300, random.Random(5))
+    changed = sample_changes.random_changes(conn, 300, random.Random(5))
     assert changed >= 250           # almost every change touches at least one row
     with hq.connect() as other:     # committed: visible from another session
         after = sample.table_counts(other)
@@ -219,7 +219,7 @@ def test_random_changes_commit_small_consistent_transactions(hq, conn):
 
 def test_a_new_item_arrives_with_price_barcode_and_stock_everywhere(conn):
     with conn.transaction():
-        changed = sample._new_item(conn, random.Random(4), sample._load_shop(conn))
+        changed = sample_changes._new_item(conn, random.Random(4), sample_changes._load_shop(conn))
     item = conn.execute("SELECT max(id) FROM public.items").fetchone()[0]
     assert item == sample.SIZES["tiny"].items + 1
     stores = conn.execute("SELECT count(*) FROM public.stores WHERE active").fetchone()[0]
@@ -234,7 +234,7 @@ def test_a_stock_row_can_move_to_another_store(conn):
     query = "SELECT store_id, item_id, quantity FROM public.stock"
     before = {(s, i): q for s, i, q in conn.execute(query)}
     with conn.transaction():
-        changed = sample._stock_row_moved(conn, random.Random(3), sample._load_shop(conn))
+        changed = sample_changes._stock_row_moved(conn, random.Random(3), sample_changes._load_shop(conn))
     after = {(s, i): q for s, i, q in conn.execute(query)}
     (src, item), = set(before) - set(after)
     (dst, moved), = [k for k in after if before.get(k) != after[k]]
@@ -247,11 +247,11 @@ def test_random_changes_wants_an_idle_connection(hq, conn):
     with hq.connect(autocommit=False) as busy:
         busy.execute("SELECT 1")
         with pytest.raises(ValueError, match="idle connection"):
-            sample.random_changes(busy, 1, random.Random(1))
+            sample_changes.random_changes(busy, 1, random.Random(1))
 
 
 def test_random_sales_use_the_next_folio_of_each_register(conn):
-    written = sample.random_sales(conn, 12, random.Random(9), store_id=2)
+    written = sample_changes.random_sales(conn, 12, random.Random(9), store_id=2)
     assert written > 12
     rows = conn.execute("""
         SELECT register_id, array_agg(folio ORDER BY folio), bool_and(store_id = 2 OR folio <= %s)

@@ -22,7 +22,7 @@ from psycopg import sql
 
 import replicator.verify as verify_mod
 from harness import make_setup
-from replicator import sample
+from replicator import sample, sample_changes
 from replicator.hq import role_name
 from replicator.verify import repair, verify
 from replicator.verify_report import format_report
@@ -44,7 +44,7 @@ def world(tmp_path, hq, branch_a):
     b = setup.add_branch(f"v-{uuid.uuid4().hex[:8]}", branch_a, catalogs=CATALOGS, params={"store_id": 1})
     b.init()
     with hq.connect() as conn:
-        sample.random_changes(conn, 200, random.Random(5))
+        sample_changes.random_changes(conn, 200, random.Random(5))
     b.run_once()
     yield b
     try:
