@@ -31,15 +31,16 @@ def _require_postgres() -> None:
         pytest.skip(str(e))
 
 
-def _server(name: str):
-    """pytest-postgresql's session-scoped server fixture for one of the three clusters."""
+def _server():
+    """pytest-postgresql's session-scoped server fixture for one of the three clusters (its
+    directory is named after the fixture: hq_proc, branch_a_proc, branch_b_proc)."""
     return factories.postgresql_proc(executable=PG_CTL, host="127.0.0.1", port=None, dbname="tests",
                                      startparams="-w", postgres_options=OPTIONS)
 
 
-hq_proc = _server("hq")
-branch_a_proc = _server("branch_a")
-branch_b_proc = _server("branch_b")
+hq_proc = _server()
+branch_a_proc = _server()
+branch_b_proc = _server()
 
 
 def _session_cluster(name: str, request: pytest.FixtureRequest) -> Cluster:
