@@ -111,14 +111,22 @@ def _stock_quantity(conn, rng, shop) -> int:
                         (delta, store, row[0])).rowcount
 
 
-def _stock_transfer(conn, rng, shop) -> int:
-    """A traspaso: units leave one store and arrive at another (2 rows)."""
+def _between_stores(conn, rng, shop):
+    """Two different stores and a stock row of the first, for a change that moves stock
+    from one to the other; None when the chain has one store or the first has no stock."""
     if len(shop.stores) < 2:
-        return 0
+        return None
     src, dst = rng.sample(shop.stores, 2)
     row = _stock_row(conn, rng, shop, src)
-    if row is None:
+    return None if row is None else (src, dst, row)
+
+
+def _stock_transfer(conn, rng, shop) -> int:
+    """A traspaso: units leave one store and arrive at another (2 rows)."""
+    pick = _between_stores(conn, rng, shop)
+    if pick is None:
         return 0
+    src, dst, row = pick
     qty = rng.randint(1, 12)
     n = conn.execute("UPDATE public.stock SET quantity = quantity - %s WHERE store_id = %s AND item_id = %s",
                      (qty, src, row[0])).rowcount
@@ -135,12 +143,10 @@ def _stock_row_moved(conn, rng, shop) -> int:
     row from one branch's filter to another's.  If the target store already
     has the item, its row is deleted first and the quantities merged.
     """
-    if len(shop.stores) < 2:
+    pick = _between_stores(conn, rng, shop)
+    if pick is None:
         return 0
-    src, dst = rng.sample(shop.stores, 2)
-    row = _stock_row(conn, rng, shop, src)
-    if row is None:
-        return 0
+    src, dst, row = pick
     gone = conn.execute("DELETE FROM public.stock WHERE store_id = %s AND item_id = %s RETURNING quantity",
                         (dst, row[0])).fetchone()
     return (gone is not None) + conn.execute(
