@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 from pytest_postgresql.executors import PostgreSQLExecutor
 
 from replicator.cluster import PG_HBA, Cluster, ClusterError, find_bindir, server_os_user
-from replicator.cluster import DEFAULT_SETTINGS, _conf_value, _kill_tree, _tail
+from replicator.cluster import DEFAULT_SETTINGS, _conf_value, _free_port, _kill_tree, _run, _tail
 
 # What pg_ctl's -o gets besides the executor's own (-F: no fsync, port, socket directory).
 _SETTINGS = {k: v for k, v in DEFAULT_SETTINGS.items() if k != "fsync"}
@@ -155,12 +154,6 @@ class ExecutorCluster(Cluster):
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _executor(name: str, directory: Path) -> PostgreSQLExecutor:
     return PostgreSQLExecutor(executable=PG_CTL, host="127.0.0.1", port=_free_port(),
                               datadir=str(directory / "data"), unixsocketdir=str(directory),
@@ -190,14 +183,11 @@ def standby_of(primary: Cluster, name: str = "standby") -> ExecutorCluster:
     user = server_os_user()
     if user:
         os.chown(directory, user[1], user[2])
-    as_user = dict(user=user[1], group=user[2], extra_groups=[]) if user else {}
     try:
-        done = subprocess.run([str(find_bindir() / "pg_basebackup"), "-D", str(cluster.data_dir), "-R",
-                               "-X", "stream", "-c", "fast", "-h", primary.host, "-p", str(primary.port),
-                               "-U", primary.superuser], cwd=directory, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=120, **as_user)
-        if done.returncode != 0:
-            raise ClusterError(f"pg_basebackup of {primary.name} failed: {_tail(done.stderr)}")
+        rc, out = _run([find_bindir() / "pg_basebackup", "-D", cluster.data_dir, "-R", "-X", "stream", "-c", "fast",
+                        "-h", primary.host, "-p", str(primary.port), "-U", primary.superuser], cwd=directory)
+        if rc != 0:
+            raise ClusterError(f"pg_basebackup of {primary.name} failed: {_tail(out)}")
         cluster.start()
     except BaseException:
         cluster.cleanup()
