@@ -29,6 +29,23 @@ def test_install_twice_changes_nothing(tmp_path, hq):
     assert _trigger_oids(hq) == before
 
 
+def test_ddl_that_changes_nothing_capture_reads_recreates_nothing(tmp_path, hq):
+    """The event trigger runs with its own search_path; the signature that decides whether
+    capture is re-created must not depend on it, or the first DDL after an install re-creates
+    the triggers (re-enabling any a DBA disabled) and the next install does it again, each
+    time under a lock on a busy table."""
+    s = make_setup(tmp_path, hq, CATALOGS, SCHEMA)
+    before = _trigger_oids(hq)
+    hq.execute("ALTER TABLE items ALTER COLUMN name SET STATISTICS 200")
+    assert _trigger_oids(hq) == before
+    hq.execute("ALTER TABLE items DISABLE TRIGGER replicator_capture_upd")
+    assert hq.scalar("SELECT tgenabled FROM pg_trigger WHERE tgname = 'replicator_capture_upd'") == "D"
+    hq.execute("ALTER TABLE items ENABLE TRIGGER replicator_capture_upd")
+    report = s.install()
+    assert not report.changed and report.unchanged == ["public.items"]
+    assert _trigger_oids(hq) == before
+
+
 def test_table_added_to_catalog_gets_its_trigger(tmp_path, hq):
     s = make_setup(tmp_path, hq, CATALOGS, SCHEMA + "CREATE TABLE prices (id int PRIMARY KEY, p numeric);")
     s.hq_path.write_text(s.hq_path.read_text().replace("- items", "- items\n    - prices"))
