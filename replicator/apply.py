@@ -32,6 +32,7 @@ from psycopg import pq, sql
 from psycopg.adapt import Dumper
 
 from . import aside
+from .errors import ReplicatorError
 from .filters import parse_filter, render_for_any_branch
 from .schema import Table
 
@@ -66,6 +67,10 @@ class _Pending:
             self.truncate = True
             self.last.clear()
             return
+        if op not in ("I", "U", "D"):
+            # The log has no CHECK on op (migration 016): this is where an unknown one stops.
+            raise ReplicatorError(f"the change log holds an operation this replicator does not know "
+                                  f"({op!r}); upgrade it to the release that installed the log")
         earlier = self.last.pop(key, None)      # keep dict order = order of last change
         if op == "I" and earlier is not None:
             op = "U"     # e.g. deleted then inserted again: the row may still be on the branch

@@ -129,7 +129,7 @@ def test_upgrade_from_migration_001_regenerates_capture_without_notify(tmp_path,
     assert branch_a.scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'replicat%'") == 0
     report = s.install()
     assert report.migrations == ["005_bulk_chunks", "006_hq_first", "007_branch_rows", "009_set_aside_counts",
-                                 "010_uploads", "011_purges", "012_routes", "015_repeatables",
+                                 "010_uploads", "011_purges", "012_routes", "015_repeatables", "016_log_without_op_check",
                                  *(name for name, _ in repeatables("capture"))]
     assert report.attached == ["public.items"]
     source = _capture_source(hq)
@@ -299,3 +299,19 @@ def test_a_filter_applies_to_each_image_of_a_bulk_log_row(tmp_path, hq, branch_a
 def _capture_source(db) -> str:
     return db.scalar("SELECT prosrc FROM pg_proc WHERE proname LIKE 'capture\\_%' "
                      "AND pronamespace = 'replication'::regnamespace")
+
+
+def test_an_operation_the_reader_does_not_know_stops_the_branch_by_name(tmp_path, hq, branch_a):
+    """The log has no CHECK on op (it cost every captured statement a parse of its
+    expression); the reader refuses an op it does not know, in one line, applying nothing."""
+    s = make_setup(tmp_path, hq, CATALOGS, SCHEMA, [branch_a])
+    a = s.add_branch("a", branch_a)
+    a.init()
+    hq.execute("INSERT INTO items VALUES (1, 'x', NULL, 1.5, '{a}')")
+    hq.execute("""INSERT INTO replication.change_log (table_id, op, row)
+                  SELECT id, 'X', '{"id": 2}' FROM replication.tables WHERE table_name = 'items'""")
+    r = a.cli("run", "--once")
+    assert r.returncode == 1, r.stderr
+    assert "operation this replicator does not know ('X')" in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
+    assert branch_a.scalar("SELECT count(*) FROM items") == 0

@@ -55,9 +55,9 @@ BEGIN
         SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) INTO readable FROM pg_attribute
          WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attname <> ALL (p_exclude);
     END IF;
-    -- The table by oid, not rel::text: that text depends on the session's search_path, and
-    -- the event trigger (its own search_path) would re-create what install had just made.
-    sig := md5(body || rel::oid::text || coalesce(readable, ''));
+    -- The table by its qualified name, not rel::text: that text depends on the session's
+    -- search_path, and the event trigger (its own) would re-create what install had made.
+    sig := md5(body || format('%I.%I', p_schema, p_table) || coalesce(readable, ''));
     IF sig IS NOT DISTINCT FROM (SELECT signature FROM replication.tables WHERE id = tid)
        AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = rel AND tgname LIKE 'replicator_capture_%') = 4 THEN
         RETURN tid;
